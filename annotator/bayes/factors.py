@@ -8,7 +8,7 @@ with ``A = mean φ φᵀ`` (p, p), ``B = mean H`` (D, D), ``H`` the loss Hessian
 the embedding ``g``, ``n`` the effective number of data points and ``λ`` the prior precision
 (Baumann et al., "Post-hoc Probabilistic Vision-Language Models").
 
-This module holds the factor containers, a streaming estimator in float64 and the directory
+This module contains the factor containers, a streaming estimator in float64 and the directory
 format in which the BayesVLM authors publish their factors.
 """
 
@@ -335,7 +335,7 @@ def load_factors(
 ) -> ProjectionFactors:
     """Load factors saved in the published BayesVLM directory format.
 
-    The directory holds ``A_img_analytic.pt``, ``B_img_analytic.pt``, ``A_txt_analytic.pt``,
+    The directory contains ``A_img_analytic.pt``, ``B_img_analytic.pt``, ``A_txt_analytic.pt``,
     ``B_txt_analytic.pt`` (plain tensors) and ``prior_precision_analytic.json`` with keys
     ``n_img``, ``lambda_img``, ``n_txt`` and ``lambda_txt``. The text files may be absent
     together, and then ``text`` is None. Tensors are loaded with ``map_location=device``

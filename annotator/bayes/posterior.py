@@ -33,8 +33,10 @@ from annotator.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-#: Default number of pool rows processed at once; memory per chunk is ``O(chunk · (p + D))``.
+#: Default number of pool rows processed at once. Memory per chunk is ``O(chunk · (p + D))``.
 DEFAULT_CHUNK_SIZE = 8192
+#: Number of entries of one intermediate tensor of draws, 2**24 (128 MiB in float64).
+ELEMENT_BUDGET = 2**24
 
 
 class ProjectionPosterior:
@@ -197,16 +199,66 @@ class ProjectionPosterior:
         draws = torch.empty(
             num_samples, self.output_dim, self.input_dim, dtype=dtype, device=self.weight.device
         )
-        for index in range(num_samples):
-            noise = torch.randn(
+        group = max(1, ELEMENT_BUDGET // (self.output_dim * self.input_dim))
+        for start in range(0, num_samples, group):
+            noise = self._standard_normal(min(group, num_samples - start), generator)
+            coloured = self._output_colouring @ noise @ self._input_whitener  # (s, D, p)
+            draws[start : start + noise.shape[0]] = self.weight + coloured
+        return draws
+
+    def sample_projected(
+        self, features: Tensor, num_samples: int, generator: torch.Generator
+    ) -> Tensor:
+        """Draw the embeddings ``W φ`` of a few inputs under weight draws, in float64.
+
+        Equal to ``sample_weights(num_samples, generator) @ φᵀ`` for the same generator
+        state, but never stores a (D, p) draw beyond the current one: each draw costs
+        ``C_B⁻ᵀ Z (C_A⁻¹ Φᵀ)``.
+
+        Parameters
+        ----------
+        features : Tensor, shape (M, p)
+            Features ``φ``, such as the text features of the class prompts.
+        num_samples : int
+            Number of draws ``S``.
+        generator : torch.Generator
+            Source of randomness.
+
+        Returns
+        -------
+        Tensor, shape (S, M, D)
+            Embeddings under each draw, on the device of ``weight``.
+        """
+        self._check_features(features)
+        check_positive_int("num_samples", num_samples)
+        features = features.to(device=self.weight.device, dtype=torch.float64)
+        mean = features @ self.weight.T  # (M, D)
+        whitened = self._input_whitener @ features.T  # C_A⁻¹ Φᵀ, (p, M)
+        draws = mean.new_empty(num_samples, *mean.shape)
+        group = max(1, ELEMENT_BUDGET // (self.output_dim * self.input_dim))
+        for start in range(0, num_samples, group):
+            noise = self._standard_normal(min(group, num_samples - start), generator)
+            coloured = self._output_colouring @ (noise @ whitened)  # (s, D, M)
+            draws[start : start + noise.shape[0]] = mean + coloured.transpose(1, 2)
+        return draws
+
+    def _standard_normal(self, count: int, generator: torch.Generator) -> Tensor:
+        """Draw ``count`` standard normal (D, p) matrices, one generator call per matrix.
+
+        One call per matrix keeps the draws independent of how they are grouped, because
+        the CPU generator fills a large tensor in a different order than several small ones.
+        """
+        noise = [
+            torch.randn(
                 self.output_dim,
                 self.input_dim,
                 generator=generator,
                 dtype=torch.float64,
                 device=generator.device,
-            ).to(self.weight.device)
-            draws[index] = self.weight + self._output_colouring @ noise @ self._input_whitener
-        return draws
+            )
+            for _ in range(count)
+        ]
+        return torch.stack(noise).to(self.weight.device)
 
     def _matrices(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``C_A⁻ᵀ`` (p, p) and ``W*ᵀ`` (p, D) on the features' device and dtype."""
