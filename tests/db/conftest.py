@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,16 @@ def _empty_tables(url: URL) -> None:
         engine.dispose()
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file that store tests copy, so that each test skips the migration."""
+    path = tmp_path_factory.mktemp("template") / "project.db"
+    upgrade(sqlite_url(path))
+    # upgrade() closed its connections, so SQLite has moved the write-ahead log into the file.
+    assert not path.with_name("project.db-wal").exists()
+    return path
+
+
 @pytest.fixture(params=BACKENDS)
 def migrated_url(request: pytest.FixtureRequest, tmp_path: Path) -> URL:
     """URL of an empty database at the newest schema: a SQLite file, then PostgreSQL.
@@ -55,7 +66,9 @@ def migrated_url(request: pytest.FixtureRequest, tmp_path: Path) -> URL:
     creating and dropping a database per test costs seconds on a busy server.
     """
     if request.param == "sqlite":
-        return sqlite_url(tmp_path / "project.db")
+        path = tmp_path / "project.db"
+        shutil.copyfile(request.getfixturevalue("migrated_sqlite_file"), path)
+        return sqlite_url(path)
     url = request.getfixturevalue("migrated_postgres_url")
     _empty_tables(url)
     return url
