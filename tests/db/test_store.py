@@ -6,14 +6,17 @@ import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 import annotator.db.store as store_module
+from annotator.data.images import discover_images, inspect_images
 from annotator.db import NewBatchItem, Store
 from annotator.errors import InputError, StoreError
 
@@ -212,6 +215,27 @@ def test_images_round_trip(store: Store) -> None:
     assert frame.split.tolist() == ["pool", "pool"]
     assert str(frame.feature_row.dtype) == "Int64"
     assert str(frame.created_at.dtype).endswith("UTC]")
+
+
+def test_images_from_inspected_folder(store: Store, tmp_path: Path) -> None:
+    """Records from annotator.data.images go into the store as they are."""
+    Image.new("RGB", (8, 6)).save(tmp_path / "real.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("no pixels here")
+    records = inspect_images(discover_images(tmp_path))
+    project = store.create_project("p", model_spec="demo", factor_source="demo")
+
+    store.add_images(project, records)
+
+    frame = store.images_frame(project).set_index("path")
+    real, empty, text_file = (
+        str(tmp_path / name) for name in ("real.png", "empty.png", "text.png")
+    )
+    assert frame.loc[real, "status"] == "ok"
+    assert (frame.loc[real, "width"], frame.loc[real, "height"]) == (8, 6)
+    assert frame.loc[empty, "reason"] == "empty file (0 bytes)"
+    assert frame.loc[text_file, "reason"] == "not an image: cannot identify image file format"
+    assert frame.loc[real, "sha256"] == records[1].sha256
 
 
 def test_images_reingest_keeps_ids_and_rows(store: Store) -> None:
