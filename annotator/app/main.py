@@ -1,0 +1,21 @@
+"""Entry point of the web app: ``annotator serve PROJECT_DIR`` runs it with Streamlit.
+
+The project folder comes from the ``ANNOTATOR_PROJECT`` environment variable, or from the
+first argument after ``--`` on the ``streamlit run`` command line.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+st.set_page_config(page_title="annotator", page_icon=":label:", layout="wide")
+
+navigation = st.navigation(
+    [
+        st.Page("pages/label.py", title="Label", icon=":material/label:", default=True),
+        st.Page("pages/progress.py", title="Progress", icon=":material/monitoring:"),
+        st.Page("pages/pool.py", title="Pool", icon=":material/photo_library:"),
+        st.Page("pages/export.py", title="Export", icon=":material/download:"),
+    ]
+)
+navigation.run()
