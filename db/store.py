@@ -1296,6 +1296,24 @@ class Store:
         )
         return info
 
+    def update_round_metrics(self, round_id: int, metrics: Mapping[str, Any]) -> RoundInfo:
+        """Replace a round's metrics, after new evaluation labels changed the measurement.
+
+        Raises
+        ------
+        StoreError
+            If no round has this id.
+        """
+        round_id = check_int(round_id, "round id")
+        metrics_data = json_value(dict(metrics), "metrics")
+        with self._session(f"update the metrics of round {round_id}", write=True) as session:
+            row = session.get(Round, round_id, with_for_update=True)
+            if row is None:
+                raise StoreError(f"round id {round_id} does not exist; use the ids from rounds_frame")
+            row.metrics = metrics_data
+            session.flush()
+            return _round_info(row)
+
     def rounds_frame(self, project: ProjectRef) -> pd.DataFrame:
         """Return the rounds of a project, ordered by index.
 

@@ -771,6 +771,18 @@ def test_add_round_validation(seeded: Seeded, store: Store) -> None:
     assert len(store.rounds_frame(seeded.project)) == 1
 
 
+def test_update_round_metrics(seeded: Seeded, store: Store) -> None:
+    zero = store.add_round(seeded.project, labels_spent=0, strategy="s", metrics={"accuracy": 0.1})
+    updated = store.update_round_metrics(zero.id, {"accuracy": np.float64(0.4)})
+    assert updated.metrics == {"accuracy": 0.4}
+    assert store.latest_round(seeded.project).metrics == {"accuracy": 0.4}
+    with pytest.raises(StoreError, match="round id 999999 does not exist"):
+        store.update_round_metrics(999_999, {})
+    with pytest.raises(InputError, match="NaN or infinity"):
+        store.update_round_metrics(zero.id, {"nll": float("nan")})
+    assert store.latest_round(seeded.project).metrics == {"accuracy": 0.4}
+
+
 # ---------------------------------------------------------------------- summary and scale
 
 
