@@ -23,8 +23,12 @@ def check_tensor(name: str, value: object, *, ndim: int | None = None) -> Tensor
         raise InputError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
     if not value.is_floating_point():
         raise InputError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-    if not bool(torch.isfinite(value).all()):
+    # A NaN or inf entry makes the sum non-finite, and one pass without a bool copy is cheap
+    # for a large pool. Only a non-finite sum, possibly an overflow, needs the exact count.
+    if value.numel() and not bool(torch.isfinite(value.sum())):
         bad = int((~torch.isfinite(value)).sum())
+        if bad == 0:
+            return value
         raise InputError(
             f"{name} contains {bad} non-finite entries (NaN or inf). "
             "Remove or recompute them before calling"

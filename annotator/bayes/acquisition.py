@@ -106,7 +106,7 @@ def score_pool(
     target_offsets: Tensor | None = None,
     num_samples: int = DEFAULT_NUM_SAMPLES,
     generator: torch.Generator | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     sampling: LogitSampling | str = LogitSampling.INDEPENDENT,
     num_targets: int = DEFAULT_NUM_TARGETS,
 ) -> Tensor:
@@ -134,10 +134,12 @@ def score_pool(
     generator : torch.Generator, optional
         Source of randomness, required for BALD, power-BALD, predictive entropy, EPIG and
         random.
-    chunk_size : int, optional
-        Pool rows per chunk. When None, chosen so that one (S, chunk, C) tensor has at most
-        :data:`~annotator.bayes.posterior.ELEMENT_BUDGET` entries, capped at
-        :data:`~annotator.bayes.posterior.DEFAULT_CHUNK_SIZE`.
+    chunk_size : int
+        Pool rows whose logit moments are computed at once. The sampled strategies and EPIG
+        then work through each chunk in smaller groups, so that one (S, rows, C) tensor of
+        samples, or one (rows, M, C, C) EPIG joint, has at most
+        :data:`~annotator.bayes.posterior.ELEMENT_BUDGET` entries. The samples depend on
+        this grouping, so fix ``chunk_size`` to reproduce scores exactly.
     sampling : LogitSampling or str
         How BALD, power-BALD and predictive entropy draw logits. EPIG always uses weight
         draws, because independent draws make its joint predictive factorise.
@@ -173,8 +175,6 @@ def score_pool(
             "or 'weights'"
         )
     num_pool = features.shape[0]
-    if chunk_size is None:
-        chunk_size = _default_chunk_size(strategy, num_samples, posterior.num_classes)
     check_positive_int("chunk_size", chunk_size)
 
     if strategy is Strategy.RANDOM:
@@ -197,9 +197,6 @@ def score_pool(
             num_targets,
             generator,
         )
-        # Keep the (N, M, C, C) joint of one chunk within the element budget as well.
-        joint_rows = ELEMENT_BUDGET // max(1, targets.shape[1] * posterior.num_classes**2)
-        chunk_size = max(1, min(chunk_size, joint_rows))
 
     parts = []
     for start in range(0, num_pool, chunk_size):
@@ -343,24 +340,36 @@ def _score_chunk(
     if strategy is Strategy.VARIANCE:
         _, variance = posterior.logit_moments(features, offsets, chunk_size=features.shape[0])
         return variance.sum(-1)
-    if strategy is Strategy.EPIG:
-        pool = torch.softmax(posterior.sampled_logits(features, draws, offsets), dim=-1)
-        return epig(pool, targets)
 
-    # BALD, power-BALD and predictive entropy share the sampled probabilities.
-    if sampling is LogitSampling.WEIGHTS:
-        logits = posterior.sampled_logits(features, draws, offsets)
-    elif sampling is LogitSampling.EMBEDDING:
-        logits = posterior.sampled_embedding_logits(  # type: ignore[attr-defined]
-            features, num_samples, generator, offsets
-        )
-    else:
-        mean, variance = posterior.logit_moments(features, offsets, chunk_size=features.shape[0])
-        logits = sample_logits(mean, variance, num_samples, generator)
-    probabilities = torch.softmax(logits, dim=-1)
-    if strategy is Strategy.PREDICTIVE_ENTROPY:
-        return predictive_entropy(probabilities)
-    return bald(probabilities)
+    num_classes = posterior.num_classes
+    group = max(1, ELEMENT_BUDGET // (num_samples * num_classes))
+    if strategy is Strategy.EPIG and targets is not None:
+        # The (rows, M, C, C) joint must fit the budget too.
+        group = max(1, min(group, ELEMENT_BUDGET // (targets.shape[1] * num_classes**2)))
+    moments = None
+    if strategy in _SAMPLED and sampling is LogitSampling.INDEPENDENT:
+        moments = posterior.logit_moments(features, offsets, chunk_size=features.shape[0])
+
+    parts = []
+    for start in range(0, features.shape[0], group):
+        rows = slice(start, start + group)
+        rows_offsets = None if offsets is None else offsets[rows]
+        if moments is not None:
+            logits = sample_logits(moments[0][rows], moments[1][rows], num_samples, generator)
+        elif sampling is LogitSampling.EMBEDDING and strategy is not Strategy.EPIG:
+            logits = posterior.sampled_embedding_logits(  # type: ignore[attr-defined]
+                features[rows], num_samples, generator, rows_offsets
+            )
+        else:
+            logits = posterior.sampled_logits(features[rows], draws, rows_offsets)
+        probabilities = torch.softmax(logits, dim=-1)
+        if strategy is Strategy.EPIG:
+            parts.append(epig(probabilities, targets))
+        elif strategy is Strategy.PREDICTIVE_ENTROPY:
+            parts.append(predictive_entropy(probabilities))
+        else:
+            parts.append(bald(probabilities))
+    return torch.cat(parts)
 
 
 def _target_probabilities(
@@ -392,12 +401,6 @@ def _target_probabilities(
             raise InputError("pass target_offsets exactly when the pool has offsets")
     logits = posterior.sampled_logits(target_features, draws, target_offsets)
     return torch.softmax(logits, dim=-1)
-
-
-def _default_chunk_size(strategy: Strategy, num_samples: int, num_classes: int) -> int:
-    if strategy in _SAMPLED or strategy is Strategy.EPIG:
-        return max(1, min(DEFAULT_CHUNK_SIZE, ELEMENT_BUDGET // (num_samples * num_classes)))
-    return DEFAULT_CHUNK_SIZE
 
 
 def _parse_enum(kind: type[_Option], value: object, name: str) -> _Option:

@@ -206,22 +206,24 @@ def _separable_cosine_moments(
     means, variances = [], []
     for start in range(0, mean_g.shape[0], chunk_size):
         chunk = mean_g[start : start + chunk_size]
-        chunk_sq = chunk * chunk
-        norm_sq_g = chunk_sq.sum(-1)  # (n,)
-        variance = chunk.new_zeros(chunk.shape[0], mean_h.shape[0])
+        norm_sq_g = torch.linalg.vector_norm(chunk, dim=-1).square()  # (n,)
+        variance = None
         if random_g:
             chunk_scale = scale_g[start : start + chunk_size].to(dtype)  # v_g, (n,)
             norm_sq_g = norm_sq_g + chunk_scale * profile_g_total
-            variance = variance + chunk_scale[:, None] * mean_h_along_g[None, :]
+            variance = chunk_scale[:, None] * mean_h_along_g[None, :]
         if random_h:
             # (μ_g,n² + σ_g,n²) · β_h, (n,)
-            second_moment_along_h = chunk_sq @ profile_h
+            second_moment_along_h = (chunk * chunk) @ profile_h
             if random_g:
                 second_moment_along_h = second_moment_along_h + chunk_scale * profile_overlap
-            variance = variance + second_moment_along_h[:, None] * scale_h[None, :]
+            text_term = second_moment_along_h[:, None] * scale_h[None, :]
+            variance = text_term if variance is None else variance + text_term
+        if variance is None:
+            variance = chunk.new_zeros(chunk.shape[0], mean_h.shape[0])
 
         norm_product = norm_sq_g[:, None] * norm_sq_h[None, :]
-        means.append((chunk @ mean_h.T) / norm_product.sqrt())
+        means.append((chunk @ mean_h.T) * torch.rsqrt(norm_product))
         variances.append(variance / norm_product)
     return _concatenate(means, variances, mean_g, mean_h)
 

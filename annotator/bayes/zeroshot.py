@@ -329,11 +329,14 @@ class ZeroShotPosterior:
         matrices = self._matrices(chunk)
         dtype = matrices["weight_t"].dtype
         chunk = chunk.to(dtype)
-        mean_g = chunk @ matrices["weight_t"]  # (n, D)
+        # One product gives both W* φ and C_A⁻¹ φ: [W*ᵀ | C_A⁻ᵀ] is (p, D + p).
+        projected = chunk @ matrices["projection_and_whitener"]
+        embed_dim = self.image.output_dim
+        mean_g = projected[:, :embed_dim]  # (n, D)
         if offsets is not None:
             mean_g = mean_g + offsets.to(dtype)
-        whitened = chunk @ matrices["whitener_t"]  # (n, p)
-        scale_g = (whitened * whitened).sum(-1)  # φᵀ A'⁻¹ φ, (n,)
+        whitened = projected[:, embed_dim:]  # (n, p)
+        scale_g = torch.linalg.vector_norm(whitened, dim=-1).square()  # φᵀ A'⁻¹ φ, (n,)
 
         mean_cos, variance_cos = _separable_cosine_moments(
             mean_g,
@@ -372,6 +375,7 @@ class ZeroShotPosterior:
             self._cache[key] = {
                 "whitener_t": whitener_t,
                 "weight_t": weight_t,
+                "projection_and_whitener": torch.cat([weight_t, whitener_t], dim=1),
                 "image_profile": self.image.output_variance.to(device=device, dtype=dtype),
                 "classes": classes,
                 "unit_classes": classes / classes.norm(dim=-1, keepdim=True),

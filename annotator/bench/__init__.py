@@ -1,0 +1,1 @@
+"""Benchmarks of annotator's hot paths, run by `annotator bench`."""
