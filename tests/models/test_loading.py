@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
+from huggingface_hub.utils import _detect_agent as detect_agent
 from open_clip.transformer import QuickGELU
 from torch.testing import assert_close
 
@@ -65,6 +68,10 @@ def network_guard(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     monkeypatch.setattr(socket.socket, "connect", connect)
+    # huggingface_hub 2.4 builds its user agent from a registry that it fetches from
+    # huggingface.co once per process, whatever HF_ENDPOINT is set to. Starting with an empty
+    # registry keeps that request out of the attempts that these tests check.
+    monkeypatch.setattr(detect_agent, "_registry", {"standardEnvVars": [], "harnesses": {}})
     return blocked
 
 
@@ -118,6 +125,70 @@ def silent_server() -> Iterator[str]:
         for connection in accepted:
             connection.close()
         server.close()
+
+
+class LocalHub:
+    """A minimal Hugging Face Hub on 127.0.0.1: serves ``/ORG/NAME/resolve/REV/FILE``.
+
+    It responds to HEAD and GET with the headers huggingface_hub 2.4 reads (``X-Repo-Commit``,
+    ``ETag``, ``Content-Length``), 404 with ``X-Error-Code: EntryNotFound`` for other files,
+    and records every request path.
+    """
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.requests: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _respond(self, with_body: bool) -> None:
+                hub.requests.append(f"{self.command} {self.path}")
+                parts = self.path.split("?")[0].strip("/").split("/")
+                key = (
+                    f"{parts[0]}/{parts[1]}/{parts[4]}"
+                    if len(parts) == 5 and parts[2] == "resolve"
+                    else ""
+                )
+                body = hub.files.get(key)
+                if body is None:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                # One commit for the whole repository, as on the real hub.
+                repo_id = "/".join(parts[:2])
+                self.send_header("X-Repo-Commit", hashlib.sha1(repo_id.encode()).hexdigest())
+                self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if with_body:
+                    self.wfile.write(body)
+
+            def do_HEAD(self) -> None:  # noqa: N802 (http.server's method name)
+                self._respond(with_body=False)
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's method name)
+                self._respond(with_body=True)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> LocalHub:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def fill_hub_cache(cache: Path, repo_id: str) -> Path:
@@ -189,6 +260,37 @@ def test_silent_hub_times_out(
 
     assert NETWORK_TIMEOUT_S - 0.5 < elapsed < OFFLINE_LIMIT_S
     assert network_guard == []
+
+
+def test_downloads_from_responding_hub(
+    tmp_path: Path, empty_hf_home: Path, network_guard: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = make_tiny_clip(seed=5)
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    files = {
+        "test-org/tiny-clip/open_clip_config.json": json.dumps({"model_cfg": TINY_CONFIG}).encode(),
+        "test-org/tiny-clip/open_clip_pytorch_model.bin": buffer.getvalue(),
+    }
+    with LocalHub(files) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        model = load_model("hf-hub:test-org/tiny-clip", device="cpu")
+
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = original.eval().encode_image(pixels)
+    assert_close(model.encode_image(pixels), expected, rtol=1e-5, atol=1e-5)
+    # safetensors is asked for first, then the pickle file that the hub has.
+    heads = [request for request in hub.requests if request.startswith("HEAD")]
+    assert any("open_clip_model.safetensors" in request for request in heads)
+    assert any("open_clip_pytorch_model.bin" in request for request in heads)
+    cached = empty_hf_home / "hub" / "models--test-org--tiny-clip"
+    assert list(cached.glob("snapshots/*/open_clip_pytorch_model.bin"))
+    assert network_guard == []
+
+    # Offline now, the cached copy is used without contacting the hub.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert load_model("hf-hub:test-org/tiny-clip", device="cpu").cache_key == model.cache_key
 
 
 def test_check_model_reports_missing(empty_hf_home: Path, network_guard: list[str]) -> None:
