@@ -6,6 +6,16 @@ tensors to arrays before calling in.
 
 from __future__ import annotations
 
+from annotator.evaluation.curve import (
+    CurveStatus,
+    ExpectedGain,
+    Forecast,
+    ForecastStatus,
+    LearningCurve,
+    PowerLawParameters,
+    StopHint,
+    fit_learning_curve,
+)
 from annotator.evaluation.metrics import (
     ReliabilityBin,
     RoundMetrics,
@@ -16,10 +26,18 @@ from annotator.evaluation.metrics import (
 )
 
 __all__ = [
+    "CurveStatus",
+    "ExpectedGain",
+    "Forecast",
+    "ForecastStatus",
+    "LearningCurve",
+    "PowerLawParameters",
     "ReliabilityBin",
     "RoundMetrics",
+    "StopHint",
     "calibration_bins",
     "classification_metrics",
     "expected_calibration_error",
+    "fit_learning_curve",
     "wilson_interval",
 ]
