@@ -45,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--class-counts", type=_integers, default=[10, 1000], help="comma-separated class counts C"
     )
-    parser.add_argument("--num-samples", type=int, default=100, help="samples S per image")
+    parser.add_argument("--num-samples", type=int, default=100, help="weight draws of Monte Carlo")
+    parser.add_argument(
+        "--method-samples",
+        type=int,
+        default=None,
+        help="logit samples per image of the method; --num-samples when omitted",
+    )
     parser.add_argument(
         "--mc-subset", type=int, default=20_000, help="images scored by weight-space Monte Carlo"
     )
@@ -88,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 pool_sizes=(pool_size,),
                 class_counts=tuple(arguments.class_counts),
                 num_samples=arguments.num_samples,
+                method_samples=arguments.method_samples,
                 mc_subset=arguments.mc_subset,
                 device=device,
                 factors_directory=arguments.factors,
@@ -103,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\n## Scoring on {device_name} ({total:.0f} s in all)\n")
-    print(f"S = {arguments.num_samples}, Monte Carlo on the first {arguments.mc_subset} images")
+    method_samples = arguments.method_samples or arguments.num_samples
+    print(
+        f"Method: {method_samples} logit samples per image. Monte Carlo: "
+        f"{arguments.num_samples} weight draws on the first {arguments.mc_subset} images"
+    )
     if skipped:
         print(f"Skipped pool sizes (time limit): {skipped}")
     print()

@@ -22,7 +22,7 @@ from annotator.bayes._checks import (
 from annotator.bayes.interface import LogitPosterior, WeightDraws
 from annotator.bayes.posterior import DEFAULT_CHUNK_SIZE, ELEMENT_BUDGET
 from annotator.bayes.predictive import (
-    bald,
+    bald_from_logits,
     entropy,
     epig,
     margin,
@@ -362,13 +362,12 @@ def _score_chunk(
             )
         else:
             logits = posterior.sampled_logits(features[rows], draws, rows_offsets)
-        probabilities = torch.softmax(logits, dim=-1)
         if strategy is Strategy.EPIG:
-            parts.append(epig(probabilities, targets))
+            parts.append(epig(torch.softmax(logits, dim=-1), targets))
         elif strategy is Strategy.PREDICTIVE_ENTROPY:
-            parts.append(predictive_entropy(probabilities))
+            parts.append(predictive_entropy(torch.softmax(logits, dim=-1)))
         else:
-            parts.append(bald(probabilities))
+            parts.append(bald_from_logits(logits))
     return torch.cat(parts)
 
 

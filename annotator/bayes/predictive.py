@@ -67,10 +67,11 @@ def sample_logits(
         raise InputError(
             f"mean has shape {tuple(mean.shape)} but variance has {tuple(variance.shape)}"
         )
-    noise = torch.randn(
+    logits = torch.randn(
         (num_samples, *mean.shape), generator=generator, dtype=mean.dtype, device=generator.device
     ).to(mean.device)
-    return mean + variance.clamp_min(0.0).sqrt() * noise
+    # In place: the (S, N, C) noise is the largest tensor of a scoring run.
+    return logits.mul_(variance.clamp_min(0.0).sqrt()).add_(mean)
 
 
 def entropy(probabilities: Tensor) -> Tensor:
@@ -100,6 +101,23 @@ def bald(probabilities: Tensor) -> Tensor:
         Mutual information between the label and the weights, in nats.
     """
     return predictive_entropy(probabilities) - expected_entropy(probabilities)
+
+
+def bald_from_logits(logits: Tensor) -> Tensor:
+    """Compute BALD from sampled logits (S, N, C), the same quantity as :func:`bald`.
+
+    ``H[p_s] = −Σ_c p_s,c log p_s,c`` takes ``log p`` from ``log_softmax``, which saves one
+    logarithm per sample and class against ``xlogy`` on the probabilities. Logits must be
+    finite, so that every ``log p`` is finite.
+
+    Returns
+    -------
+    Tensor, shape (N,)
+    """
+    log_probabilities = torch.log_softmax(logits, dim=-1)
+    probabilities = log_probabilities.exp()
+    expected = -torch.linalg.vecdot(probabilities, log_probabilities).mean(0)
+    return entropy(probabilities.mean(0)) - expected
 
 
 def epig(pool_probabilities: Tensor, target_probabilities: Tensor) -> Tensor:

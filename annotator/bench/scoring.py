@@ -4,12 +4,13 @@ For each pool size ``N`` and class count ``C`` the benchmark builds one zero-sho
 with realistic factors (see :func:`realistic_projection`) and measures, in the same run:
 
 1. the method: :func:`~annotator.bayes.acquisition.score_pool` with BALD from the analytic
-   logit moments and independent logit samples;
+   logit moments and ``method_samples`` independent logit samples per image and class;
 2. the floor: the product ``Φ C_A⁻ᵀ`` (that is ``Φ A'⁻¹`` up to a triangular factor), which
    every scoring of the pool needs, chunk by chunk;
-3. the logit sampling alone: drawing ``S`` logits per image and class, the softmax and the
-   two entropies of BALD, on the same chunks;
-4. weight-space Monte Carlo: BALD from ``S`` whole weight draws of the image projection, on
+3. the logit sampling alone: drawing ``method_samples`` logits per image and class, the
+   softmax and the two entropies of BALD, on the same chunks;
+4. weight-space Monte Carlo: BALD from ``num_samples`` whole weight draws of the image
+   projection, on
    the first ``mc_subset`` images of the pool, with its time per image. Drawing the weights
    is a one-off cost per ranking and is timed apart (``mc_draws_s``).
 
@@ -18,9 +19,11 @@ and at least 10× below Monte Carlo. The Spearman correlation of the two BALD ra
 Monte Carlo subset shows how far the cheaper method changes the ranking.
 
 Peak memory is measured per stage as the growth above the memory in use when the stage
-starts (the pool itself is allocated before). On CUDA it is ``torch.cuda.max_memory_allocated``;
-on the CPU it is the peak resident set size ``VmHWM`` after resetting it by writing ``5`` to
-``/proc/self/clear_refs`` (Linux only).
+starts, and the pool itself is allocated before. On CUDA the peak is
+``torch.cuda.max_memory_allocated``. On the CPU it is the peak resident set size ``VmHWM``,
+reset by writing ``5`` to ``/proc/self/clear_refs`` (Linux only). Because the allocator
+reuses pages freed by earlier stages, the CPU figure can read low for stages whose tensors
+are smaller than glibc's mmap threshold (at most 32 MiB).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from annotator.bayes.factors import KroneckerFactors, load_factors
 from annotator.bayes.interface import WeightDraws
 from annotator.bayes.moments import cosine_moments
 from annotator.bayes.posterior import DEFAULT_CHUNK_SIZE, ELEMENT_BUDGET, ProjectionPosterior
-from annotator.bayes.predictive import bald, sample_logits
+from annotator.bayes.predictive import bald_from_logits, sample_logits
 from annotator.bayes.zeroshot import ZeroShotPosterior
 from annotator.errors import InputError
 
@@ -139,6 +142,7 @@ def run_scoring_benchmark(
     embed_dim: int = 512,
     *,
     num_samples: int = 100,
+    method_samples: int | None = None,
     mc_subset: int = 2_000,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     device: str | torch.device | None = None,
@@ -156,7 +160,9 @@ def run_scoring_benchmark(
     feature_dim, embed_dim : int
         ``p`` and ``D`` of the image projection (ViT-B-32: 768 and 512).
     num_samples : int
-        Samples ``S`` of the method's logit sampling and weight draws of Monte Carlo.
+        Weight draws of Monte Carlo.
+    method_samples : int, optional
+        Logit samples per image and class of the method; ``num_samples`` when None.
     mc_subset : int
         Monte Carlo scores at most this many images of each pool, the first ones.
     chunk_size : int
@@ -195,6 +201,7 @@ def run_scoring_benchmark(
                     posterior,
                     features,
                     num_samples=num_samples,
+                    method_samples=method_samples or num_samples,
                     mc_subset=mc_subset,
                     chunk_size=chunk_size,
                     seed=seed,
@@ -206,6 +213,7 @@ def run_scoring_benchmark(
     table.attrs["device"] = _describe_device(device)
     table.attrs["threads"] = torch.get_num_threads()
     table.attrs["num_samples"] = num_samples
+    table.attrs["method_samples"] = method_samples or num_samples
     table.attrs["chunk_size"] = chunk_size
     table.attrs["factors"] = "published" if factors_directory else "synthetic"
     return table
@@ -233,11 +241,11 @@ def measure_cosine_approximation(
     Returns
     -------
     pandas.DataFrame
-        One row for a fixed text side and one for a random text side, with the mean and
-        90th percentile of ``|E_approx − E_mc|`` in units of the Monte Carlo standard
-        deviation, the median and 90th percentile of ``|σ_approx / σ_mc − 1|``, the mean
-        Monte Carlo standard deviation of the cosine, and the Spearman correlation of the
-        per-pair standard deviations.
+        One row for a fixed text side and one for a random text side. The columns give the
+        mean and 90th percentile of ``|E_approx − E_mc|`` in units of the Monte Carlo
+        standard deviation, and the median and 90th percentile of
+        ``|σ_approx / σ_mc − 1|``. They also give the mean Monte Carlo standard deviation
+        of the cosine and the Spearman correlation of the per-pair standard deviations.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generator = torch.Generator().manual_seed(seed)
@@ -319,6 +327,7 @@ def _run_case(
     features: Tensor,
     *,
     num_samples: int,
+    method_samples: int,
     mc_subset: int,
     chunk_size: int,
     seed: int,
@@ -339,7 +348,7 @@ def _run_case(
             posterior,
             features,
             "bald",
-            num_samples=num_samples,
+            num_samples=method_samples,
             generator=new_generator(1),
             chunk_size=chunk_size,
         ),
@@ -347,7 +356,7 @@ def _run_case(
     _, floor = _measure(device, lambda: _floor(posterior, features, chunk_size))
     _, sampling = _measure(
         device,
-        lambda: _sampling_only(num_pool, num_classes, num_samples, device, new_generator(2)),
+        lambda: _sampling_only(num_pool, num_classes, method_samples, device, new_generator(2)),
     )
 
     # Monte Carlo: the weight draws are a one-off cost, timed apart from the per-image work.
@@ -369,6 +378,8 @@ def _run_case(
     return {
         "pool": num_pool,
         "classes": num_classes,
+        "method_samples": method_samples,
+        "mc_draws": num_samples,
         "method_s": method.seconds,
         "floor_s": floor.seconds,
         "sampling_s": sampling.seconds,
@@ -404,8 +415,7 @@ def _weight_monte_carlo_bald(
     parts = []
     for chunk in features.split(chunk_size):
         for rows in chunk.split(group):
-            logits = posterior.sampled_logits(rows, draws)
-            parts.append(bald(torch.softmax(logits, dim=-1)))
+            parts.append(bald_from_logits(posterior.sampled_logits(rows, draws)))
     return torch.cat(parts)
 
 
@@ -422,8 +432,7 @@ def _sampling_only(
     variance = torch.ones(group, num_classes, device=device)
     for start in range(0, num_pool, group):
         rows = min(group, num_pool - start)
-        logits = sample_logits(mean[:rows], variance[:rows], num_samples, generator)
-        bald(torch.softmax(logits, dim=-1))
+        bald_from_logits(sample_logits(mean[:rows], variance[:rows], num_samples, generator))
 
 
 def _measure(
@@ -490,7 +499,7 @@ def _draw_features(
 def _class_embeddings(
     image: ProjectionPosterior, num_classes: int, generator: torch.Generator
 ) -> Tensor:
-    """Draw random unit class embeddings (C, D) in float64; cosines ignore their norm."""
+    """Draw random unit class embeddings (C, D) in float64, since cosines ignore the norm."""
     classes = torch.randn(num_classes, image.output_dim, generator=generator, dtype=torch.float64)
     return torch.nn.functional.normalize(classes, dim=-1)
 

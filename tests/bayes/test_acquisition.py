@@ -20,6 +20,7 @@ from annotator.bayes.head import fit_head
 from annotator.bayes.posterior import ProjectionPosterior
 from annotator.bayes.predictive import (
     bald,
+    bald_from_logits,
     entropy,
     epig,
     expected_entropy,
@@ -93,6 +94,12 @@ def test_bald_decomposition_and_sign():
         information, predictive_entropy(probabilities) - expected_entropy(probabilities)
     )
     assert float(information.min()) >= -1e-12
+
+
+def test_bald_from_logits_matches_probabilities():
+    logits = torch.randn(32, 9, 5, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+
+    torch.testing.assert_close(bald_from_logits(4 * logits), bald(torch.softmax(4 * logits, -1)))
 
 
 def test_margin_of_top_two():
@@ -371,3 +378,16 @@ def test_selection_properties(values, excluded, k, method, seed):
     if method == "top-k":
         finite_scores = scores[selected][is_finite]
         assert bool((finite_scores[:-1] >= finite_scores[1:]).all())
+
+
+def test_empty_pool_scores_and_selection():
+    posterior = _zero_shot()
+    empty = torch.zeros(0, P, dtype=torch.float64)
+
+    scores = score_pool(posterior, empty, "bald", generator=torch.Generator())
+    mean, variance = posterior.logit_moments(empty)
+
+    assert scores.shape == (0,)
+    assert mean.shape == (0, C)
+    assert variance.shape == (0, C)
+    assert select_batch(scores, 5).tolist() == []
