@@ -10,9 +10,8 @@ with realistic factors (see :func:`realistic_projection`) and measures, in the s
 3. the logit sampling alone: drawing ``method_samples`` logits per image and class, the
    softmax and the two entropies of BALD, on the same chunks;
 4. weight-space Monte Carlo: BALD from ``num_samples`` whole weight draws of the image
-   projection, on
-   the first ``mc_subset`` images of the pool, with its time per image. Drawing the weights
-   is a one-off cost per ranking and is timed apart (``mc_draws_s``).
+   projection, on the first ``mc_subset`` images of the pool, with its time per image.
+   Drawing the weights is a one-off cost per ranking and is timed apart (``mc_draws_s``).
 
 The target is that the method's time per image stays within 3× the floor plus the sampling,
 and at least 10× below Monte Carlo. The Spearman correlation of the two BALD rankings on the
