@@ -47,7 +47,8 @@ class Strategy(enum.StrEnum):
 
     EPIG = "epig"
     """Expected information gain about the predictions on a target set, from weight draws
-    shared across pool and targets."""
+    shared across pool and targets. It costs ``O(S · M · C²)`` per pool image for ``M``
+    targets, so it suits tens of classes rather than thousands."""
 
     POWER_BALD = "power-bald"
     """BALD scores, meant for ``select_batch(method="power")``, which samples a batch with

@@ -393,6 +393,8 @@ def fit_head(
         logger.info("Head covariance: %s for C*p = %d parameters", covariance.value, C * p)
 
     # 1. Prior: V₀ = s T̂ W*, R = s² T̂ B'⁻¹ T̂ᵀ + ε·mean(diag R)·I, L_R L_Rᵀ = R.
+    # NOTE: the prior's scale comes from the projection factors (n, λ) as they are. It is not
+    # re-optimised by the Laplace evidence of the labelled data.
     scale = zero_shot.logit_scale
     unit_classes = F.normalize(zero_shot.class_embeddings, dim=-1)  # T̂, (C, D)
     prior_mean = scale * unit_classes @ image.weight  # (C, p)

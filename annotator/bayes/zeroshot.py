@@ -193,8 +193,9 @@ class ZeroShotPosterior:
             Source of randomness. A CPU generator gives the same draws on every device.
         dtype : torch.dtype, optional
             Dtype of the stored draws, float64 when None. The image draws take
-            ``S·D·p`` entries (about 315 MB for S=100, D=512, p=768 in float64), so float32
-            halves the memory at no cost in accuracy that sampling noise would not hide.
+            ``S·D·p`` entries (about 315 MB for S=100, D=512, p=768 in float64), and a
+            random text side adds ``S·C·D``. Float32 halves the memory, and its rounding is
+            far below the sampling noise.
 
         Returns
         -------
@@ -206,11 +207,11 @@ class ZeroShotPosterior:
         image_weights = self.image.sample_weights(num_samples, generator, dtype=dtype)
         if self.text is not None and self.class_features is not None:
             classes = self.text.sample_projected(self.class_features, num_samples, generator)
+            classes = classes.to(dtype)
         else:
-            classes = self.class_embeddings.expand(num_samples, -1, -1)
-        return WeightDraws(
-            image_weights=image_weights, class_embeddings=classes.to(dtype).contiguous()
-        )
+            # A fixed text side repeats one (C, D) matrix as a view, without copies.
+            classes = self.class_embeddings.to(dtype).expand(num_samples, -1, -1)
+        return WeightDraws(image_weights=image_weights, class_embeddings=classes)
 
     def sampled_logits(
         self, features: Tensor, draws: WeightDraws, offsets: Tensor | None = None
@@ -395,6 +396,7 @@ def _standard_normal(shape: torch.Size, generator: torch.Generator, dtype: torch
 
 
 def _draw_group_size(num_rows: int, embed_dim: int, num_classes: int) -> int:
-    """Return how many draws to evaluate at once so one (s, N, max(D, C)) tensor fits
-    :data:`~annotator.bayes.posterior.ELEMENT_BUDGET`."""
-    return max(1, ELEMENT_BUDGET // max(1, num_rows * max(embed_dim, num_classes)))
+    """Return how many draws to evaluate at once, so that the (s, N, D), (s, N, C) and
+    (s, C, D) tensors of one group fit :data:`~annotator.bayes.posterior.ELEMENT_BUDGET`."""
+    per_draw = max(num_rows * embed_dim, num_rows * num_classes, num_classes * embed_dim, 1)
+    return max(1, ELEMENT_BUDGET // per_draw)
