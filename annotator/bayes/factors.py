@@ -339,9 +339,10 @@ def load_factors(
     ``B_txt_analytic.pt`` (plain tensors) and ``prior_precision_analytic.json`` with keys
     ``n_img``, ``lambda_img``, ``n_txt`` and ``lambda_txt``. The text files may be absent
     together, and then ``text`` is None. Tensors are loaded with ``map_location=device``
-    because the published ones were saved from a GPU, converted to float64 and symmetrised
-    as ``(M + Mᵀ)/2``: the published ViT-B-32 ``B`` factors are not exactly symmetric and
-    have eigenvalues down to about −5e-4, which the damping ``√λ I`` absorbs.
+    because the published ones were saved from a GPU. They are converted to float64 and
+    symmetrised as ``(M + Mᵀ)/2``, because the published ViT-B-32 ``B`` factors are not
+    exactly symmetric. Their eigenvalues go down to about −5e-4, which the damping
+    ``√λ I`` absorbs.
 
     Parameters
     ----------
