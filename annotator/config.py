@@ -81,8 +81,8 @@ class PosteriorConfig(_Section):
     """Override of the prior precision of the text projection."""
     optimize_prior: bool = False
     """Re-optimise the prior precision by the Laplace evidence after loading the factors."""
-    head_posterior: Literal["auto", "full", "kron"] = "auto"
-    """Covariance of the refit head: dense, Kronecker-factored, or chosen by size."""
+    head_posterior: Literal["auto", "dense", "kfac"] = "auto"
+    """Covariance of the refit head: dense, Kronecker-factored (KFAC), or chosen by size."""
 
 
 class ClassConfig(_Section):

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import numpy as np
 import torch
 from filelock import FileLock
 
 from annotator.bayes import Strategy, select_batch
+from annotator.db.records import BatchInfo, NewBatchItem
 from annotator.errors import AnnotatorError, InputError
 from annotator.services.project import Project
 from annotator.services.ranking import Ranking, latest_ranking
@@ -63,9 +64,9 @@ def next_batch(project: Project, annotator: str, *, size: int | None = None) -> 
     size = size or project.config.acquisition.batch_size
     with project_lock(project):
         timeout = timedelta(minutes=project.config.acquisition.batch_timeout_minutes)
-        project.store.expire_batches(project.project_id, older_than=datetime.now(UTC) - timeout)
+        project.store.expire_batches(timeout, project=project.project_id)
         for batch in project.store.open_batches(project.project_id, annotator=annotator):
-            return _view(project, batch.id, annotator)
+            return _view(project, batch)
 
         ranking = latest_ranking(project)
         if ranking is None:
@@ -76,23 +77,19 @@ def next_batch(project: Project, annotator: str, *, size: int | None = None) -> 
         items = _choose_items(project, ranking, size)
         if not items:
             return None
-        kind = _batch_kind(items)
-        batch_id = project.store.open_batch(
+        batch = project.store.open_batch(
             project.project_id,
-            annotator=annotator,
-            items=items,
-            kind=kind,
+            annotator,
+            items,
+            kind=_batch_kind(items),
             strategy=ranking.strategy,
             round_index=ranking.round_index,
         )
-        logger.info("opened batch %d for %s with %d images", batch_id, annotator, len(items))
-        return _view(project, batch_id, annotator)
+        return _view(project, batch)
 
 
-def _choose_items(
-    project: Project, ranking: Ranking, size: int
-) -> list[tuple[int, int, float | None, str]]:
-    """Pick (image_id, position, score, purpose) for a new batch."""
+def _choose_items(project: Project, ranking: Ranking, size: int) -> list[NewBatchItem]:
+    """Pick the items of a new batch, in display order."""
     settings = project.config
     busy = {
         item.image_id
@@ -101,13 +98,10 @@ def _choose_items(
     }
     labels = project.store.labels_frame(project.project_id, latest_only=True)
     labelled = set(labels["image_id"].tolist())
-    images = project.store.images_frame(project.project_id, status="ok")
+    images = project.store.images_frame(project.project_id, status="ok", split="evaluation")
     rng = np.random.default_rng([settings.seed, ranking.round_index, len(labelled), len(busy)])
 
-    evaluation_ids = images.loc[images["split"] == "evaluation", "id"].to_numpy()
-    open_evaluation = np.array(
-        sorted(set(evaluation_ids.tolist()) - labelled - busy), dtype=np.int64
-    )
+    open_evaluation = np.array(sorted(set(images["id"].tolist()) - labelled - busy), dtype=np.int64)
     evaluation_count = min(settings.evaluation.per_batch, open_evaluation.size, size)
     evaluation_pick = (
         rng.choice(open_evaluation, size=evaluation_count, replace=False)
@@ -115,46 +109,44 @@ def _choose_items(
         else np.empty(0, dtype=np.int64)
     )
 
-    acquisition_count = size - evaluation_count
     exclude = ~np.isfinite(ranking.scores)
     exclude |= np.isin(ranking.image_ids, list(labelled | busy))
-    strategy = Strategy(ranking.strategy)
-    method = "power" if strategy in POWER_STRATEGIES else "top-k"
-    scores = torch.from_numpy(np.nan_to_num(ranking.scores.astype(np.float64), nan=-np.inf))
+    method = "power" if Strategy(ranking.strategy) in POWER_STRATEGIES else "top-k"
+    scores = torch.from_numpy(ranking.scores.astype(np.float64))
     generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
     chosen = select_batch(
         scores,
-        acquisition_count,
+        size - evaluation_count,
         method=method,
         beta=settings.acquisition.beta,
         exclude=torch.from_numpy(exclude),
         generator=generator,
     ).numpy()
 
-    tasks: list[tuple[int, float | None, str]] = [
-        (int(ranking.image_ids[i]), float(ranking.scores[i]), "acquisition") for i in chosen
+    items = [
+        NewBatchItem(int(ranking.image_ids[i]), float(ranking.scores[i]), "acquisition")
+        for i in chosen
     ]
-    tasks += [(int(image_id), None, "evaluation") for image_id in evaluation_pick]
-    order = rng.permutation(len(tasks)) if evaluation_count else np.arange(len(tasks))
-    return [(tasks[i][0], position, tasks[i][1], tasks[i][2]) for position, i in enumerate(order)]
+    items += [NewBatchItem(int(image_id), None, "evaluation") for image_id in evaluation_pick]
+    # Evaluation items are shuffled in, so their position does not give them away.
+    order = rng.permutation(len(items)) if evaluation_count else np.arange(len(items))
+    return [items[i] for i in order]
 
 
-def _batch_kind(items: list[tuple[int, int, float | None, str]]) -> str:
-    purposes = {purpose for *_, purpose in items}
+def _batch_kind(items: list[NewBatchItem]) -> str:
+    purposes = {str(item.purpose) for item in items}
     return purposes.pop() if len(purposes) == 1 else "mixed"
 
 
-def _view(project: Project, batch_id: int, annotator: str) -> BatchView:
-    batch = project.store.get_batch(batch_id)
+def _view(project: Project, batch: BatchInfo) -> BatchView:
     ranking = latest_ranking(project)
     names = project.config.class_names
-    images = project.store.images_frame(project.project_id, status="ok").set_index("id")
-    position = {}
+    row_of = {}
     if ranking is not None:
-        position = {int(image_id): i for i, image_id in enumerate(ranking.image_ids)}
+        row_of = {int(image_id): i for i, image_id in enumerate(ranking.image_ids)}
     tasks = []
     for item in sorted(batch.items, key=lambda item: item.position):
-        row = position.get(item.image_id)
+        row = row_of.get(item.image_id)
         if ranking is not None and row is not None:
             top_classes = [names[c] for c in ranking.top_classes[row]]
             top_probs = [float(p) for p in ranking.top_probs[row]]
@@ -164,7 +156,7 @@ def _view(project: Project, batch_id: int, annotator: str) -> BatchView:
         tasks.append(
             BatchTask(
                 image_id=item.image_id,
-                path=str(images.loc[item.image_id, "path"]),
+                path=item.path,
                 purpose=item.purpose,
                 score=item.score,
                 top_classes=top_classes,
@@ -173,8 +165,8 @@ def _view(project: Project, batch_id: int, annotator: str) -> BatchView:
             )
         )
     return BatchView(
-        batch_id=batch_id,
-        annotator=annotator,
+        batch_id=batch.id,
+        annotator=batch.annotator,
         round_index=batch.round_index,
         tasks=tasks,
     )
@@ -214,7 +206,7 @@ def submit_batch(project: Project, batch_id: int, labels: dict[int, str]) -> Sub
                 f"missing image ids {missing}, unexpected image ids {extra}"
             )
         project.store.submit_batch(
-            batch_id, [(image_id, classes[name]) for image_id, name in labels.items()]
+            batch_id, {image_id: classes[name] for image_id, name in labels.items()}
         )
         acquisition = [item for item in batch.items if item.purpose == "acquisition"]
         logger.info(

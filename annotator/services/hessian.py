@@ -25,8 +25,8 @@ from annotator.bayes import (
     FactorEstimator,
     KroneckerFactors,
     ProjectionFactors,
-    optimize_prior_precision,
     save_factors,
+    with_optimized_prior_precision,
 )
 from annotator.data.datasets import read_caption_pairs
 from annotator.data.images import load_rgb
@@ -158,8 +158,7 @@ def _embed(
 
 
 def _with_evidence_prior(factors: KroneckerFactors, weight: torch.Tensor) -> KroneckerFactors:
-    prior_precision = optimize_prior_precision(factors, weight.double())
-    return factors.with_prior_precision(prior_precision)
+    return with_optimized_prior_precision(factors, weight.double())
 
 
 def _pair_batches(

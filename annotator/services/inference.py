@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from annotator.bayes import (
-    HeadPosterior,
     KroneckerFactors,
     LogitPosterior,
     ProjectionFactors,
@@ -25,7 +24,7 @@ from annotator.bayes import (
     ZeroShotPosterior,
     fit_head,
     load_factors,
-    optimize_prior_precision,
+    with_optimized_prior_precision,
 )
 from annotator.data.features import FeatureCache
 from annotator.errors import ConfigError, FactorFormatError
@@ -180,27 +179,35 @@ def _override(
 
 
 def _reoptimize(factors: KroneckerFactors, weight: torch.Tensor) -> KroneckerFactors:
-    prior_precision = optimize_prior_precision(
-        factors.A, factors.B, factors.n, weight, initial=factors.prior_precision
-    )
+    optimized = with_optimized_prior_precision(factors, weight.double())
     logger.info(
-        "re-optimised prior precision %.4g -> %.4g", factors.prior_precision, prior_precision
+        "re-optimised prior precision %.4g -> %.4g",
+        factors.prior_precision,
+        optimized.prior_precision,
     )
-    return _override(factors, None, prior_precision)
+    return optimized
 
 
-def zero_shot_posterior(snapshot: ModelSnapshot, factors: ProjectionFactors) -> ZeroShotPosterior:
-    """Build the zero-shot posterior with both projections random."""
-    image = ProjectionPosterior.from_factors(snapshot.image_projection, factors.image)
-    text = (
-        ProjectionPosterior.from_factors(snapshot.text_projection, factors.text)
-        if factors.text is not None
-        else None
-    )
+def zero_shot_posterior(
+    snapshot: ModelSnapshot, factors: ProjectionFactors, device: torch.device | str = "cpu"
+) -> ZeroShotPosterior:
+    """Build the zero-shot posterior: the image projection random, and the text one too when
+    its factors are known."""
+    image = ProjectionPosterior(snapshot.image_projection.to(device), factors.image)
+    if factors.text is None:
+        class_embeddings = snapshot.class_features.to(device, torch.float64) @ (
+            snapshot.text_projection.to(device, torch.float64).T
+        )
+        return ZeroShotPosterior(
+            image,
+            class_embeddings=class_embeddings,
+            logit_scale=snapshot.logit_scale,
+            logit_bias=snapshot.logit_bias,
+        )
     return ZeroShotPosterior(
-        image_posterior=image,
-        text_posterior=text,
-        class_features=snapshot.class_features,
+        image,
+        class_features=snapshot.class_features.to(device),
+        text=ProjectionPosterior(snapshot.text_projection.to(device), factors.text),
         logit_scale=snapshot.logit_scale,
         logit_bias=snapshot.logit_bias,
     )
@@ -224,20 +231,20 @@ def refit_posterior(
     factors: ProjectionFactors,
     cache: FeatureCache,
     training: TrainingSet,
+    device: torch.device | str = "cpu",
 ) -> LogitPosterior:
     """Return the posterior for the current labels: zero-shot with none, the refit head after."""
-    zero_shot = zero_shot_posterior(snapshot, factors)
+    zero_shot = zero_shot_posterior(snapshot, factors, device)
     if len(training) == 0:
         return zero_shot
     features, offsets = read_features(cache, training.feature_rows)
-    head: HeadPosterior = fit_head(
+    return fit_head(
         zero_shot,
-        features,
-        torch.as_tensor(training.labels, dtype=torch.long),
-        offsets=offsets,
+        features.to(device),
+        torch.as_tensor(training.labels, dtype=torch.long, device=device),
+        None if offsets is None else offsets.to(device),
         covariance=project.config.posterior.head_posterior,
     )
-    return head
 
 
 def read_features(

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from annotator.data.datasets import read_labelled_dataset
 from annotator.data.features import FeatureCache
-from annotator.data.images import discover_images, inspect_image
+from annotator.data.images import ImageRecord, discover_images, inspect_image
 from annotator.errors import InputError
 from annotator.models.encode import encode_images
 from annotator.models.loading import load_model
@@ -111,27 +112,44 @@ def ingest(
         )
 
     # 3. Encode missing features; load the model only when something is missing.
-    project.store.assign_feature_rows(project.project_id)
+    _assign_feature_rows(project)
     usable = project.store.images_frame(project.project_id, status="ok").sort_values("feature_row")
+    rows = usable["feature_row"].to_numpy(dtype=np.int64)
+    needed = int(rows.max()) + 1
     loaded = model
-    cache = _open_or_create_cache(project, usable, loaded)
-    if cache is None or cache.missing_rows().size or not snapshot_path(project).is_file():
+    cache = None
+    if FeatureCache.exists(project.features_dir):
+        cache = FeatureCache.open(project.features_dir, key=project.model_spec.cache_key)
+        if cache.num_rows < needed:
+            cache.grow(needed)
+    missing = cache is None or bool(np.isin(rows, cache.missing_rows()).any())
+    if missing or not snapshot_path(project).is_file():
         loaded = loaded or load_project_model(project)
-        cache = cache or _create_cache(project, usable, loaded)
+        if cache is None:
+            cache = FeatureCache.create(
+                project.features_dir,
+                key=project.model_spec.cache_key,
+                num_rows=needed,
+                feature_dim=loaded.image_dim,
+                offset_dim=loaded.embed_dim if loaded.has_image_offset else None,
+            )
         stats = encode_images(
             loaded,
             [Path(p) for p in usable["path"]],
             cache,
-            rows=usable["feature_row"].to_numpy(dtype=np.int64),
+            rows=rows,
             batch_size=project.config.model.batch_size,
             num_workers=project.config.model.num_workers,
             progress=progress,
         )
+        cache.flush()
         report.encoded = stats.encoded
-        for path, reason in stats.failed:
-            logger.warning("image %s failed to encode: %s", path, reason)
-            project.store.mark_skipped(project.project_id, str(path), reason)
+        if stats.failed:
+            _mark_unreadable(project, usable, stats.failed)
+            report.usable -= len(stats.failed)
+            report.skipped += [(str(f.path), f.reason) for f in stats.failed]
         _write_snapshot(project, loaded)
+    cache.close()
 
     # 4. Posterior factors estimated from the pool when the config asks for it.
     if project.config.posterior.factors == "estimate":
@@ -167,28 +185,34 @@ def load_project_model(project: Project) -> VisionLanguageModel:
     )
 
 
-def _open_or_create_cache(
-    project: Project, usable, model: VisionLanguageModel | None
-) -> FeatureCache | None:
-    directory = project.features_dir
-    if not FeatureCache.exists(directory):
-        return None
-    cache = FeatureCache.open(directory)
-    needed = int(usable["feature_row"].max()) + 1 if len(usable) else 0
-    if cache.num_rows < needed:
-        cache.grow(needed)
-    return cache
+def _assign_feature_rows(project: Project) -> None:
+    """Give every usable image without features the next free row of the feature cache."""
+    images = project.store.images_frame(project.project_id)
+    taken = images["feature_row"].dropna()
+    next_row = int(taken.max()) + 1 if len(taken) else 0
+    pending = images[(images["status"] == "ok") & images["feature_row"].isna()]
+    mapping = {int(image_id): next_row + i for i, image_id in enumerate(pending["id"])}
+    project.store.assign_feature_rows(project.project_id, mapping)
 
 
-def _create_cache(project: Project, usable, model: VisionLanguageModel) -> FeatureCache:
-    needed = int(usable["feature_row"].max()) + 1 if len(usable) else 0
-    return FeatureCache.create(
-        project.features_dir,
-        num_rows=needed,
-        feature_dim=model.image_dim,
-        offset_dim=model.embed_dim if model.has_image_offset else None,
-        key=project.model_spec.cache_key,
-    )
+def _mark_unreadable(project: Project, usable, failures) -> None:
+    """Record images that passed inspection but failed to decode for encoding as skipped."""
+    by_path = usable.set_index("path")
+    records = []
+    for failure in failures:
+        row = by_path.loc[str(failure.path)]
+        logger.warning("image %s failed to encode: %s", failure.path, failure.reason)
+        records.append(
+            ImageRecord(
+                path=Path(failure.path),
+                sha256=row["sha256"],
+                width=None if pd.isna(row["width"]) else int(row["width"]),
+                height=None if pd.isna(row["height"]) else int(row["height"]),
+                status="skipped",
+                reason=f"failed to decode for encoding: {failure.reason}",
+            )
+        )
+    project.store.add_images(project.project_id, records)
 
 
 def _write_snapshot(project: Project, model: VisionLanguageModel) -> None:
@@ -240,7 +264,7 @@ def _import_evaluation_labels(project: Project) -> int:
     source = project.config.resolve_path(project.directory, project.config.evaluation.labels)
     dataset = read_labelled_dataset(source)
     names = project.config.class_names
-    unknown = sorted(set(dataset.labels) - set(names))
+    unknown = sorted(set(dataset.class_names) - set(names))
     if unknown:
         raise InputError(
             f"labels {', '.join(map(repr, unknown))} in {source} are not project classes "
@@ -257,13 +281,12 @@ def _import_evaluation_labels(project: Project) -> int:
         project.store.labels_frame(project.project_id, latest_only=True)["image_id"].tolist()
     )
     classes = {c.name: c.id for c in project.store.classes(project.project_id)}
-    labels = []
+    labels: dict[int, int] = {}
     for path, label in zip(dataset.paths, dataset.labels, strict=True):
         row = images.loc[str(path)]
         if row["status"] != "ok" or int(row["id"]) in already:
             continue
-        labels.append((int(row["id"]), classes[label]))
-    ids = [image_id for image_id, _ in labels]
-    project.store.set_split(project.project_id, ids, "evaluation")
+        labels[int(row["id"])] = classes[dataset.class_names[label]]
+    project.store.set_split(project.project_id, list(labels), "evaluation")
     project.store.add_labels(project.project_id, labels, annotator="import", source="import")
     return len(labels)

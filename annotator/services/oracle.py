@@ -28,14 +28,14 @@ def read_oracle(project: Project) -> dict[str, str]:
         )
     dataset = read_labelled_dataset(path)
     names = set(project.config.class_names)
-    unknown = sorted(set(dataset.labels) - names)
+    unknown = sorted(set(dataset.class_names) - names)
     if unknown:
         raise InputError(
             f"oracle {path} has labels that are not project classes: {', '.join(unknown)}"
         )
     return {
         str(Path(p).resolve()): label
-        for p, label in zip(dataset.paths, dataset.labels, strict=True)
+        for p, label in zip(dataset.paths, dataset.label_names(), strict=True)
     }
 
 
@@ -67,7 +67,7 @@ def label_evaluation_from_oracle(project: Project, *, annotator: str = "ground-t
     classes = {c.name: c.id for c in project.store.classes(project.project_id)}
     project.store.add_labels(
         project.project_id,
-        [(image_id, classes[name]) for image_id, name in labels.items()],
+        {image_id: classes[name] for image_id, name in labels.items()},
         annotator=annotator,
         source="oracle",
     )

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from annotator.config import CONFIG_FILENAME, ProjectConfig, load_config, write_config
-from annotator.db.engine import sqlite_url
+from annotator.db.engine import display_url, sqlite_url
+from annotator.db.records import ProjectInfo
 from annotator.db.store import Store
 from annotator.errors import ConfigError
 from annotator.models.specs import ModelSpec
@@ -74,7 +75,7 @@ class Project:
         return self.config.resolve_path(self.directory, self.config.oracle)
 
     def close(self) -> None:
-        self.store.dispose()
+        self.store.close()
 
 
 DATABASE_URL_VARIABLE = "ANNOTATOR_DATABASE_URL"
@@ -94,12 +95,15 @@ def database_url(directory: Path, config: ProjectConfig) -> str:
     return sqlite_url(directory / DATABASE_FILENAME)
 
 
-def create_project(directory: Path, config: ProjectConfig, *, exist_ok: bool = False) -> Project:
+def create_project(
+    directory: Path, config: ProjectConfig, *, exist_ok: bool = False, url: str | None = None
+) -> Project:
     """Create a project folder with its config and store, or open it when it already matches.
 
     With ``exist_ok`` an existing project of the same name is opened and its config is
     replaced by ``config`` only when nothing but tunable settings changed; a different
     model or class list would invalidate cached features and labels, so it raises.
+    ``url`` overrides the store URL that :func:`database_url` would choose.
     """
     directory = directory.resolve()
     config_path = directory / CONFIG_FILENAME
@@ -119,17 +123,19 @@ def create_project(directory: Path, config: ProjectConfig, *, exist_ok: bool = F
         write_config(config, config_path)
         logger.info("created project config %s", config_path)
 
-    store = Store(database_url(directory, config))
-    record = store.get_project(config.name)
+    store = Store(url or database_url(directory, config))
+    record = _find_project(store, config.name)
     if record is None:
         record = store.create_project(
-            name=config.name,
+            config.name,
             config=config.model_dump(mode="json"),
             model_spec=config.model.spec,
             factor_source="pending",
         )
+        prompts = config.class_prompts()
         store.set_classes(
-            record.id, list(zip(config.class_names, _prompt_texts(config), strict=True))
+            record.id,
+            {name: list(p) for name, p in zip(config.class_names, prompts, strict=True)},
         )
         logger.info("created project %r (id %d)", config.name, record.id)
     else:
@@ -142,12 +148,12 @@ def open_project(directory: Path) -> Project:
     directory = directory.resolve()
     config = load_config(directory / CONFIG_FILENAME)
     store = Store(database_url(directory, config))
-    record = store.get_project(config.name)
+    record = _find_project(store, config.name)
     if record is None:
-        store.dispose()
+        store.close()
         raise ConfigError(
             f"project {config.name!r} from {directory / CONFIG_FILENAME} is not in its database "
-            f"{store.display_url}; create it with `annotator init {directory}`"
+            f"{display_url(store.url)}; create it with `annotator init` in a new folder"
         )
     return Project(directory=directory, config=config, store=store, project_id=record.id)
 
@@ -161,8 +167,8 @@ def _check_compatible(existing: ProjectConfig, new: ProjectConfig, path: Path) -
             )
 
 
-def _prompt_texts(config: ProjectConfig) -> list[str]:
-    return [" | ".join(prompts) for prompts in config.class_prompts()]
+def _find_project(store: Store, name: str) -> ProjectInfo | None:
+    return next((p for p in store.list_projects() if p.name == name), None)
 
 
 def _folder_safe(text: str) -> str:

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from annotator.bayes import LogitPosterior, Strategy, probit_predictive, score_pool
+from annotator.bayes import LogitPosterior, Strategy, score_pool
+from annotator.bayes.predictive import probit_probabilities
 from annotator.data.features import FeatureCache
 from annotator.logs import log_event
 from annotator.services.project import Project
@@ -126,7 +127,7 @@ def rank_pool(
     strategy = Strategy(strategy or project.config.acquisition.strategy)
     settings = project.config.acquisition
     device = compute_device(project)
-    generator = torch.Generator(device=device).manual_seed(project.config.seed + round_index)
+    seed = project.config.seed + round_index
 
     target_features = target_offsets = None
     if strategy is Strategy.EPIG:
@@ -143,6 +144,9 @@ def rank_pool(
 
     for start in range(0, count, CHUNK_ROWS):
         stop = min(start + CHUNK_ROWS, count)
+        # The same seed for every chunk draws the same weights for each, which EPIG's shared
+        # draws need, and makes a score independent of the chunk it falls in.
+        generator = torch.Generator(device=device).manual_seed(seed)
         rows = feature_rows[start:stop]
         features = torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32)).to(device)
         offsets = None
@@ -150,7 +154,7 @@ def rank_pool(
             offsets = torch.from_numpy(np.asarray(cache.offsets[rows], dtype=np.float32)).to(device)
 
         mean, variance = posterior.logit_moments(features, offsets)
-        probs = probit_predictive(mean, variance)
+        probs = probit_probabilities(mean, variance)
         best = torch.topk(probs, k, dim=-1)
         top_classes[start:stop] = best.indices.cpu().numpy()
         top_probs[start:stop] = best.values.float().cpu().numpy()

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from annotator.bayes import LogitPosterior, ProjectionFactors, probit_predictive
+from annotator.bayes import LogitPosterior, ProjectionFactors
+from annotator.bayes.predictive import probit_probabilities
 from annotator.data.features import FeatureCache
 from annotator.errors import ConfigError
 from annotator.evaluation.metrics import classification_metrics
@@ -62,14 +63,13 @@ class RoundResult:
 def labelled_split(project: Project, split: str) -> LabelledSet:
     """Return the latest label of every labelled usable image of ``split`` (``pool`` or ``evaluation``)."""
     images = project.store.images_frame(project.project_id, status="ok", split=split)
-    labels = project.store.labels_frame(project.project_id, latest_only=True)
-    classes = {c.id: c.index for c in project.store.classes(project.project_id)}
+    labels = project.store.labels_frame(project.project_id, latest_only=True, split=split)
     merged = labels.merge(images[["id", "feature_row"]], left_on="image_id", right_on="id")
     merged = merged.sort_values("image_id")
     return LabelledSet(
         image_ids=merged["image_id"].to_numpy(dtype=np.int64),
         feature_rows=merged["feature_row"].to_numpy(dtype=np.int64),
-        labels=merged["class_id"].map(classes).to_numpy(dtype=np.int64),
+        labels=merged["class_index"].to_numpy(dtype=np.int64),
     )
 
 
@@ -88,7 +88,7 @@ def evaluate_posterior(
     features = features.to(device)
     offsets = offsets.to(device) if offsets is not None else None
     mean, variance = posterior.logit_moments(features, offsets)
-    bayes_probs = probit_predictive(mean, variance).double().cpu().numpy()
+    bayes_probs = probit_probabilities(mean, variance).double().cpu().numpy()
     map_probs = (
         torch.softmax(posterior.map_logits(features, offsets), dim=-1).double().cpu().numpy()
     )
@@ -127,6 +127,7 @@ def current_posterior(project: Project) -> PosteriorState:
         factors,
         cache,
         TrainingSet(training.image_ids, training.feature_rows, training.labels),
+        device=compute_device(project),
     )
     return PosteriorState(
         snapshot=snapshot,

@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 from annotator.config import ProjectConfig
 from annotator.data.images import ImageRecord
+from annotator.db.engine import sqlite_url
 from annotator.errors import InputError
 from annotator.services.batches import next_batch, submit_batch
 from annotator.services.oracle import label_evaluation_from_oracle, oracle_labels, read_oracle
-from annotator.services.project import Project, create_project
+from annotator.services.project import DATABASE_FILENAME, Project, create_project
 from annotator.services.rounds import RoundResult, run_round
 
 logger = logging.getLogger(__name__)
@@ -76,26 +77,35 @@ def scratch_copy(project: Project, directory: Path, *, strategy: str, seed: int)
     (directory / "cache").symlink_to(
         (project.directory / "cache").resolve(), target_is_directory=True
     )
-    copy = create_project(directory, ProjectConfig.model_validate(config.model_dump()))
+    # A scratch store is always a SQLite file, even when the original uses PostgreSQL.
+    copy = create_project(
+        directory,
+        ProjectConfig.model_validate(config.model_dump()),
+        url=sqlite_url(directory / DATABASE_FILENAME),
+    )
     images = project.store.images_frame(project.project_id)
     for split, group in images.groupby("split"):
         records = [
             ImageRecord(
                 path=Path(row.path),
                 sha256=row.sha256,
-                width=row.width,
-                height=row.height,
+                width=None if pd.isna(row.width) else int(row.width),
+                height=None if pd.isna(row.height) else int(row.height),
                 status=row.status,
-                reason=row.reason,
+                reason=None if pd.isna(row.reason) else row.reason,
             )
             for row in group.itertuples(index=False)
         ]
-        copy.store.add_images(
-            copy.project_id,
-            records,
-            split=str(split),
-            feature_rows=[None if pd.isna(r) else int(r) for r in group["feature_row"]],
-        )
+        copy.store.add_images(copy.project_id, records, split=str(split))
+    new_ids = copy.store.images_frame(copy.project_id).set_index("path")["id"]
+    with_rows = images.dropna(subset=["feature_row"])
+    copy.store.assign_feature_rows(
+        copy.project_id,
+        {
+            int(new_ids[path]): int(row)
+            for path, row in zip(with_rows["path"], with_rows["feature_row"], strict=True)
+        },
+    )
     return copy
 
 
@@ -206,7 +216,7 @@ def dataset_project(
     directory.mkdir(parents=True, exist_ok=True)
     oracle = directory / "oracle.csv"
     pd.DataFrame(
-        {"path": [str(Path(p).resolve()) for p in data.paths], "label": data.labels}
+        {"path": [str(Path(p).resolve()) for p in data.paths], "label": data.label_names()}
     ).to_csv(oracle, index=False)
     settings: dict[str, Any] = {
         "name": f"simulation-{dataset.resolve().name}",
