@@ -21,6 +21,7 @@ import csv
 import io
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ DEFAULT_VARIANTS_PER_DIGIT = 2
 """Shifted renderings of each deployment digit in the pool (629 digits give 1,258 images)."""
 
 POOL_FOLDER = "pool"
+_POOL_NAME_PATTERN = re.compile(r"digit-\d{5,}\.png")
 GROUND_TRUTH_FILENAME = "ground_truth.csv"
 
 _PAPER = 255
@@ -343,8 +345,9 @@ def write_demo_pool(
     Raises
     ------
     InputError
-        If ``out_dir/pool`` contains a file that this build would not write, for example one
-        from a build with another ``variants_per_digit``.
+        If ``out_dir/pool`` contains a pool image (``digit-NNNNN.png``) that this build would
+        not write, for example one from a build with more ``variants_per_digit``. Files with
+        other names are left alone.
     """
     out_dir = Path(out_dir)
     pool_dir = out_dir / POOL_FOLDER
@@ -356,12 +359,17 @@ def write_demo_pool(
     )
 
     if pool_dir.is_dir():
-        unexpected = sorted(set(os.listdir(pool_dir)) - set(names))
-        if unexpected:
-            listed = ", ".join(unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
+        stale = sorted(
+            name
+            for name in set(os.listdir(pool_dir)) - set(names)
+            if _POOL_NAME_PATTERN.fullmatch(name)
+        )
+        if stale:
+            listed = ", ".join(stale[:5]) + (", ..." if len(stale) > 5 else "")
             raise InputError(
-                f"The pool folder {pool_dir} contains {len(unexpected)} files that this build "
-                f"would not write ({listed}). Delete the folder or choose another out_dir."
+                f"The pool folder {pool_dir} contains {len(stale)} pool images that this build "
+                f"would not write ({listed}), so its ground truth would miss them. Delete the "
+                "folder or choose another out_dir."
             )
 
     logger.info(

@@ -160,7 +160,7 @@ def test_shift_digit_changes_image_within_range() -> None:
     assert shifted.mode == "L"
     assert shifted.size == clean.size
     assert not np.array_equal(np.asarray(clean), np.asarray(shifted))
-    # Paper is at most 235 + 25 + noise, so no pure white survives in the corners on average.
+    # The shift maps white paper to a grey level of 160–235 before lighting and noise.
     assert pixels[:4, :4].mean() < 250
 
 
@@ -303,6 +303,20 @@ def test_pool_rejects_unexpected_files(tmp_path: Path) -> None:
         write_demo_pool(tmp_path, seed=2, variants_per_digit=1)
     assert sorted(path.name for path in (tmp_path / "pool").iterdir()) == ["digit-99999.png"]
     assert not (tmp_path / GROUND_TRUTH_FILENAME).exists()
+
+
+def test_pool_keeps_other_files(tmp_path: Path) -> None:
+    (tmp_path / "pool" / "broken").mkdir(parents=True)
+    (tmp_path / "pool" / "broken" / "empty.png").write_bytes(b"")
+    (tmp_path / "pool" / "notes.txt").write_text("scanned on Monday\n", encoding="utf-8")
+
+    pool = write_demo_pool(tmp_path, seed=2, variants_per_digit=1)
+    rows = _read_ground_truth(pool.ground_truth_csv)
+
+    assert (tmp_path / "pool" / "broken" / "empty.png").read_bytes() == b""
+    assert (tmp_path / "pool" / "notes.txt").is_file()
+    assert len(rows) == pool.num_images
+    assert all(path.startswith("digit-") for path, _ in rows)
 
 
 def test_pool_rejects_zero_variants(tmp_path: Path) -> None:
