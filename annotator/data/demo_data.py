@@ -96,7 +96,8 @@ class DemoPool:
     """A written demo pool.
 
     ``ground_truth_csv`` has the columns ``path,label``: ``path`` is a PNG file's path relative
-    to ``pool_dir`` with ``/`` separators, and ``label`` is its class name from ``DIGIT_NAMES``.
+    to the CSV's folder (``pool/digit-NNNNN.png``), as labelled-dataset readers expect, and
+    ``label`` is its class name from ``DIGIT_NAMES``.
     """
 
     pool_dir: Path
@@ -322,7 +323,7 @@ def write_demo_pool(
     Layout::
 
         out_dir/pool/digit-00000.png ...   greyscale PNGs of DEFAULT_IMAGE_SIZE pixels
-        out_dir/ground_truth.csv           path,label (path relative to out_dir/pool)
+        out_dir/ground_truth.csv           path,label (path relative to out_dir: pool/...)
 
     The output depends only on ``seed`` and ``variants_per_digit``: the same arguments write
     the same bytes. Writing again skips files whose bytes are already right and replaces the
@@ -390,7 +391,7 @@ def write_demo_pool(
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["path", "label"])
     for name, label in zip(names, labels, strict=True):
-        writer.writerow([name, DIGIT_NAMES[label]])
+        writer.writerow([f"{POOL_FOLDER}/{name}", DIGIT_NAMES[label]])
     _write_if_changed(ground_truth_csv, text.getvalue().encode("utf-8"), temporary_dir=out_dir)
 
     logger.info("Demo pool ready: %d images, %d written, rest unchanged", len(names), written)

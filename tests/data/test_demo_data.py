@@ -45,7 +45,9 @@ def _read_ground_truth(csv_path: Path) -> list[tuple[str, str]]:
     with csv_path.open(newline="", encoding="utf-8") as file:
         rows = list(csv.reader(file))
     assert rows[0] == ["path", "label"]
-    return [(path, label) for path, label in rows[1:]]
+    # Paths are relative to the CSV's folder and all point into the pool folder.
+    assert all(path.startswith("pool/") for path, _ in rows[1:])
+    return [(path.removeprefix("pool/"), label) for path, label in rows[1:]]
 
 
 def _png_digest(image: Image.Image) -> str:
