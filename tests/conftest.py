@@ -121,3 +121,32 @@ def project_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "project"
     folder.mkdir()
     return folder
+
+
+# ---------------------------------------------------------------------- annotator's cache
+
+CACHE_VARIABLE = "ANNOTATOR_CACHE_DIR"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def annotator_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A cache folder for the whole session, so the demo model is trained at most once.
+
+    The session never reads or writes the user's own cache.
+    """
+    previous = os.environ.get(CACHE_VARIABLE)
+    path = tmp_path_factory.mktemp("annotator-cache")
+    os.environ[CACHE_VARIABLE] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop(CACHE_VARIABLE, None)
+    else:
+        os.environ[CACHE_VARIABLE] = previous
+
+
+@pytest.fixture(scope="session")
+def demo_model(annotator_cache: Path) -> Path:
+    """The demo model with its posterior factors, trained and estimated once per session."""
+    from annotator.services.demo import ensure_demo_model
+
+    return ensure_demo_model(progress=False)

@@ -22,7 +22,12 @@ from annotator.config import (
     ProjectConfig,
 )
 from annotator.data.demo_data import DIGIT_NAMES, write_demo_pool
-from annotator.models.demo import DEMO_TEMPLATES, demo_model_dir, train_demo_model
+from annotator.models.demo import (
+    DEMO_TEMPLATES,
+    TRAINING_FILENAME,
+    demo_model_dir,
+    train_demo_model,
+)
 from annotator.services.hessian import estimate_pair_factors
 from annotator.services.ingest import IngestReport, ingest
 from annotator.services.oracle import label_evaluation_from_oracle
@@ -50,7 +55,7 @@ class DemoBuild:
 def ensure_demo_model(*, seed: int = 0, progress: bool = True) -> Path:
     """Train the demo model and estimate its posterior factors unless they are cached."""
     directory = demo_model_dir()
-    if not (directory / "weights.pt").is_file():
+    if not (directory / TRAINING_FILENAME).is_file():
         logger.info("training the demo model into %s (about a minute on a laptop CPU)", directory)
         result = train_demo_model(directory, seed=seed, progress=progress)
         logger.info(

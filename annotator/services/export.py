@@ -39,14 +39,10 @@ def labelled_frame(project: Project, *, include_evaluation: bool = True) -> pd.D
     """Return the latest label of every labelled usable image, with its path and class name."""
     images = project.store.images_frame(project.project_id, status="ok")
     labels = project.store.labels_frame(project.project_id, latest_only=True)
-    classes = {c.id: c.name for c in project.store.classes(project.project_id)}
-    frame = labels.merge(
-        images[["id", "path", "split", "sha256"]], left_on="image_id", right_on="id", how="inner"
-    )
+    frame = labels.merge(images[["id", "sha256"]], left_on="image_id", right_on="id", how="inner")
     if not include_evaluation:
         frame = frame[frame["split"] != "evaluation"]
-    frame = frame.assign(label=frame["class_id"].map(classes))
-    frame = frame.rename(columns={"created_at": "labelled_at"})
+    frame = frame.rename(columns={"created_at": "labelled_at", "class_name": "label"})
     columns = ["path", "label", "split", "annotator", "source", "labelled_at", "sha256"]
     return frame.sort_values("path")[columns].reset_index(drop=True)
 

@@ -241,7 +241,7 @@ def refit_posterior(
     return fit_head(
         zero_shot,
         features.to(device),
-        torch.as_tensor(training.labels, dtype=torch.long, device=device),
+        torch.tensor(training.labels, dtype=torch.long, device=device),
         None if offsets is None else offsets.to(device),
         covariance=project.config.posterior.head_posterior,
     )

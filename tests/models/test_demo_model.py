@@ -36,10 +36,15 @@ from annotator.models.demo import (
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> DemoTrainingResult:
-    """The demo model trained once per test session with the default recipe."""
-    cache_dir = tmp_path_factory.mktemp("annotator-cache")
-    return train_demo_model(demo_model_dir(cache_dir), seed=0, progress=False)
+def trained(demo_model: Path) -> DemoTrainingResult:
+    """The demo model trained once per test session with the default recipe.
+
+    It is the session's shared demo model, so the services tests reuse the same training.
+    """
+    recorded = json.loads((demo_model / TRAINING_FILENAME).read_text())
+    fields = {name: recorded[name] for name in DemoTrainingResult.__dataclass_fields__}
+    fields["model_dir"] = Path(fields["model_dir"])
+    return DemoTrainingResult(**fields)
 
 
 def _heldout_images(seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:

@@ -1,0 +1,1 @@
+"""Tests of the services layer, on real projects built from the demo."""

@@ -1,0 +1,32 @@
+"""A demo project built once per session, and unlabelled copies of it for each test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from annotator.services.demo import DemoBuild, build_demo_project
+from annotator.services.project import Project
+from annotator.services.simulate import scratch_copy
+
+
+@pytest.fixture(scope="session")
+def demo_build(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> DemoBuild:
+    """The demo project, ingested and ranked, with its evaluation split labelled."""
+    directory = tmp_path_factory.mktemp("demo") / "demo-project"
+    return build_demo_project(directory, progress=False)
+
+
+@pytest.fixture
+def project(demo_build: DemoBuild, tmp_path: Path) -> Iterator[Project]:
+    """An unlabelled copy of the demo project that shares its feature cache, with round 0."""
+    from annotator.services.oracle import label_evaluation_from_oracle
+    from annotator.services.rounds import run_round
+
+    copy = scratch_copy(demo_build.project, tmp_path / "copy", strategy="bald", seed=0)
+    label_evaluation_from_oracle(copy)
+    run_round(copy, note="zero-shot")
+    yield copy
+    copy.close()
