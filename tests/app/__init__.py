@@ -1,0 +1,1 @@
+"""Tests of the Streamlit app, with AppTest and a real browser."""
