@@ -47,6 +47,7 @@ def test_scoring_benchmark_tiny_run():
     for column in ("method_s", "floor_s", "sampling_s", "mc_s", "mc_draws_s"):
         assert bool((table[column] > 0).all()), column
     assert bool(table["spearman_bald"].between(-1, 1).all())
+    assert bool(table["spearman_mc_repeat"].between(-1, 1).all())
     assert table.attrs["factors"] == "synthetic"
     markdown = format_markdown(table)
     assert markdown.splitlines()[2].startswith("| 300 | 5 |")
