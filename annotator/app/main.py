@@ -12,10 +12,10 @@ st.set_page_config(page_title="annotator", page_icon=":label:", layout="wide")
 
 navigation = st.navigation(
     [
-        st.Page("pages/label.py", title="Label", icon=":material/label:", default=True),
-        st.Page("pages/progress.py", title="Progress", icon=":material/monitoring:"),
-        st.Page("pages/pool.py", title="Pool", icon=":material/photo_library:"),
-        st.Page("pages/export.py", title="Export", icon=":material/download:"),
+        st.Page("views/label.py", title="Label", icon=":material/label:", default=True),
+        st.Page("views/progress.py", title="Progress", icon=":material/monitoring:"),
+        st.Page("views/pool.py", title="Pool", icon=":material/photo_library:"),
+        st.Page("views/export.py", title="Export", icon=":material/download:"),
     ]
 )
 navigation.run()

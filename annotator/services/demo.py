@@ -83,7 +83,7 @@ def demo_config(seed: int = 0) -> ProjectConfig:
         posterior=PosteriorConfig(factors="demo"),
         evaluation=EvaluationConfig(size=300, per_batch=0),
         acquisition=AcquisitionConfig(strategy="power-bald", batch_size=20),
-        budget=BudgetConfig(planned_labels=300, target_accuracy=0.9),
+        budget=BudgetConfig(planned_labels=600, target_accuracy=0.9),
         seed=seed,
     )
 

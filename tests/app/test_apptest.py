@@ -76,7 +76,7 @@ def test_label_page_rejects_partial_batch(app_project: Project) -> None:
 
 def test_progress_page_renders(app_project: Project) -> None:
     at = _app().run()
-    at.switch_page("pages/progress.py").run()
+    at.switch_page("views/progress.py").run()
 
     assert not at.exception
     assert any("ground-truth file" in info.value for info in at.info)
@@ -85,7 +85,7 @@ def test_progress_page_renders(app_project: Project) -> None:
 
 def test_pool_page_lists_skipped_files(app_project: Project) -> None:
     at = _app().run()
-    at.switch_page("pages/pool.py").run()
+    at.switch_page("views/pool.py").run()
 
     assert not at.exception
     skipped = at.dataframe[0].value
@@ -94,7 +94,7 @@ def test_pool_page_lists_skipped_files(app_project: Project) -> None:
 
 def test_export_page_renders(app_project: Project) -> None:
     at = _app().run()
-    at.switch_page("pages/export.py").run()
+    at.switch_page("views/export.py").run()
 
     assert not at.exception
     assert any("labelled images" in md.value for md in at.markdown)

@@ -18,21 +18,20 @@ def _task_caption(task: BatchTask) -> str:
     if task.purpose == "evaluation":
         kind = "**evaluation** (measures accuracy; never trains the model)"
     else:
-        kind = (
-            f"**informative** · score {task.score:.3f}"
-            if task.score is not None
-            else "**informative**"
-        )
+        kind = "**informative**"
     guesses = " · ".join(
         f"{name} {100 * prob:.0f}%"
         for name, prob in zip(task.top_classes[:3], task.top_probs[:3], strict=False)
     )
-    uncertainty = (
-        "" if math.isnan(task.epistemic) else f"epistemic uncertainty {task.epistemic:.3f} nats"
-    )
-    return "  \n".join(
-        part for part in (kind, f"model: {guesses}" if guesses else "", uncertainty) if part
-    )
+    lines = [kind]
+    if guesses:
+        lines.append(f"model: {guesses}")
+    if not math.isnan(task.epistemic):
+        lines.append(f"epistemic uncertainty {task.epistemic:.3f} nats")
+    # BALD strategies score by the epistemic uncertainty itself; show other scores too.
+    if task.score is not None and not math.isclose(task.score, task.epistemic, rel_tol=1e-4):
+        lines.append(f"acquisition score {task.score:.3f}")
+    return "  \n".join(lines)
 
 
 def _label_key(batch: BatchView, task: BatchTask) -> str:

@@ -27,9 +27,11 @@ def _signature(project) -> tuple:
     return (summary.labels, summary.rounds, metrics_key)
 
 
-def _chart(title: str, name: str, chart: alt.TopLevelMixin, frame: pd.DataFrame) -> None:
-    """Draw a chart with PNG and CSV downloads; the PNG renders only when clicked."""
-    st.markdown(f"**{title}**")
+def _chart(name: str, chart: alt.TopLevelMixin, frame: pd.DataFrame) -> None:
+    """Draw a chart (it carries its own title) with PNG and CSV downloads.
+
+    The PNG renders only when its button is clicked, because rendering costs about a second.
+    """
     st.altair_chart(chart)
     png: Callable[[], bytes] = lambda: charts.chart_to_png_bytes(chart)  # noqa: E731
     left, right = st.columns(2)
@@ -92,7 +94,6 @@ def main() -> None:
 
     target = project.config.budget.target_accuracy
     _chart(
-        "Accuracy against labels spent (evaluation split, 95% intervals)",
         "accuracy",
         charts.accuracy_chart(progress.accuracy, forecast=progress.curve, target=target),
         progress.accuracy,
@@ -101,7 +102,6 @@ def main() -> None:
     left, right = st.columns(2)
     with left:
         _chart(
-            "Labels per hour",
             "labels-per-hour",
             charts.labels_per_hour_chart(progress.labels),
             charts.labelling_rate_frame(progress.labels)
@@ -110,7 +110,6 @@ def main() -> None:
         )
     with right:
         _chart(
-            "Labels per class",
             "class-counts",
             charts.class_counts_chart(progress.class_counts),
             progress.class_counts,
@@ -121,7 +120,6 @@ def main() -> None:
             {"used": [progress.budget_used], "planned": [progress.budget_planned]}
         )
         _chart(
-            "Budget",
             "budget",
             charts.budget_chart(progress.budget_used, progress.budget_planned),
             budget,
@@ -134,7 +132,6 @@ def main() -> None:
         with left:
             bins = metrics.reliability_frame()
             _chart(
-                "Reliability (BayesVLM predictive)",
                 "reliability",
                 charts.reliability_chart(bins, ece=metrics.ece),
                 bins,
@@ -145,15 +142,12 @@ def main() -> None:
         with right:
             confusion = metrics.confusion_frame()
             _chart(
-                "Confusion matrix",
                 "confusion",
                 charts.confusion_chart(confusion, class_order=list(metrics.class_names)),
                 confusion,
             )
         per_class = metrics.per_class_frame()
-        _chart(
-            "Accuracy per class", "per-class", charts.per_class_accuracy_chart(per_class), per_class
-        )
+        _chart("per-class", charts.per_class_accuracy_chart(per_class), per_class)
 
 
 main()

@@ -1,1 +1,0 @@
-"""Pages of the web app, one file each."""
