@@ -150,3 +150,15 @@ def demo_model(annotator_cache: Path) -> Path:
     from annotator.services.demo import ensure_demo_model
 
     return ensure_demo_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_build(demo_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The demo project, ingested and ranked, with its evaluation split labelled.
+
+    Tests must not label it: they work on copies (``scratch_copy``) that share its caches.
+    """
+    from annotator.services.demo import build_demo_project
+
+    directory = tmp_path_factory.mktemp("demo") / "demo-project"
+    return build_demo_project(directory, progress=False)

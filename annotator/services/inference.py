@@ -150,10 +150,14 @@ def load_project_factors(project: Project, snapshot: ModelSnapshot) -> Projectio
             else "set posterior.factors to a folder in the BayesVLM format, or to `estimate`"
         )
         raise FactorFormatError(f"posterior factor folder {directory} not found; {hint}")
+    # Factors estimated from the pool have no text side; the text shape is then not required.
+    has_text = (directory / "A_txt_analytic.pt").exists() or (
+        directory / "B_txt_analytic.pt"
+    ).exists()
     factors = load_factors(
         directory,
         image_shape=(snapshot.image_dim, snapshot.embed_dim),
-        text_shape=(snapshot.text_dim, snapshot.embed_dim),
+        text_shape=(snapshot.text_dim, snapshot.embed_dim) if has_text else None,
     )
     settings = project.config.posterior
     image = _override(factors.image, settings.n_img, settings.lambda_img)

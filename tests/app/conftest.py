@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import annotator.app
-from annotator.services.demo import DemoBuild, build_demo_project
+from annotator.services.demo import DemoBuild
 from annotator.services.oracle import label_evaluation_from_oracle
 from annotator.services.project import Project
 from annotator.services.rounds import run_round
@@ -17,16 +17,12 @@ from annotator.services.simulate import scratch_copy
 APP_SCRIPT = Path(annotator.app.__file__).parent / "main.py"
 
 
-@pytest.fixture(scope="session")
-def app_demo(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> DemoBuild:
-    directory = tmp_path_factory.mktemp("app-demo") / "demo-project"
-    return build_demo_project(directory, progress=False)
-
-
 @pytest.fixture
-def app_project(app_demo: DemoBuild, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
+def app_project(
+    demo_build: DemoBuild, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Project]:
     """An unlabelled copy of the demo with round 0, set as the app's project."""
-    copy = scratch_copy(app_demo.project, tmp_path / "copy", strategy="power-bald", seed=0)
+    copy = scratch_copy(demo_build.project, tmp_path / "copy", strategy="power-bald", seed=0)
     label_evaluation_from_oracle(copy)
     run_round(copy, note="zero-shot")
     monkeypatch.setenv("ANNOTATOR_PROJECT", str(copy.directory))

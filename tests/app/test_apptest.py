@@ -89,7 +89,10 @@ def test_pool_page_lists_skipped_files(app_project: Project) -> None:
 
     assert not at.exception
     skipped = at.dataframe[0].value
-    assert sorted(skipped["reason"].str.split(":").str[0]) == ["empty file (0 bytes)", "not an image"]
+    assert sorted(skipped["reason"].str.split(":").str[0]) == [
+        "empty file (0 bytes)",
+        "not an image",
+    ]
 
 
 def test_export_page_renders(app_project: Project) -> None:

@@ -7,16 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from annotator.services.demo import DemoBuild, build_demo_project
+from annotator.services.demo import DemoBuild
 from annotator.services.project import Project
 from annotator.services.simulate import scratch_copy
-
-
-@pytest.fixture(scope="session")
-def demo_build(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> DemoBuild:
-    """The demo project, ingested and ranked, with its evaluation split labelled."""
-    directory = tmp_path_factory.mktemp("demo") / "demo-project"
-    return build_demo_project(directory, progress=False)
 
 
 @pytest.fixture
