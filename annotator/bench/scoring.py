@@ -20,10 +20,10 @@ correlation between two Monte Carlo runs with independent draws (``spearman_mc_r
 
 Peak memory is measured per stage as the growth above the memory in use when the stage
 starts, and the pool itself is allocated before. On CUDA the peak is
-``torch.cuda.max_memory_allocated``. On the CPU it is the peak resident set size ``VmHWM``,
-reset by writing ``5`` to ``/proc/self/clear_refs`` (Linux only). Because the allocator
-reuses pages freed by earlier stages, the CPU figure can read low for stages whose tensors
-are smaller than glibc's mmap threshold (at most 32 MiB).
+``torch.cuda.max_memory_allocated``. On the CPU it is the largest anonymous resident memory
+(``RssAnon`` in ``/proc/self/status``, Linux only) read every ``POLL_INTERVAL_S`` seconds by
+a background thread, so a spike shorter than that can be missed. Pages that the allocator
+keeps from earlier stages and reuses do not count as growth.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import dataclasses
 import logging
 import math
 import platform
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -64,6 +65,8 @@ SYNTHETIC_A_RANGE = (41.0, 7.0e4)
 SYNTHETIC_B_RANGE = (1e-3, 437.0)
 #: CLIP's logit scale, ``exp(log 100)`` after training.
 LOGIT_SCALE = 100.0
+#: Seconds between two readings of the resident memory during a CPU stage.
+POLL_INTERVAL_S = 0.002
 
 
 @dataclasses.dataclass(frozen=True)
@@ -467,17 +470,33 @@ def _peak_memory(device: torch.device) -> Iterator[Callable[[], int]]:
         torch.cuda.synchronize(device)
         result["bytes"] = torch.cuda.max_memory_allocated(device) - baseline
         return
-    clear_refs = Path("/proc/self/clear_refs")
+
     try:
-        clear_refs.write_text("5")
-        baseline = _status_kib("VmRSS")
+        baseline = _status_kib("RssAnon")
     except OSError as error:
-        # NOTE: without /proc (not Linux) CPU peak memory is reported as -1.
-        logger.warning("Cannot reset the peak resident set size: %s", error)
+        # NOTE: without /proc/self/status (not Linux) CPU peak memory is reported as -1.
+        logger.warning("Cannot read the resident memory of this process: %s", error)
         yield lambda: result["bytes"]
         return
-    yield lambda: result["bytes"]
-    result["bytes"] = 1024 * (_status_kib("VmHWM") - baseline)
+    # Anonymous memory excludes library code pages, which the kernel evicts and faults back
+    # in under memory pressure from other processes.
+    peak = {"kib": baseline}
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            peak["kib"] = max(peak["kib"], _status_kib("RssAnon"))
+            stop.wait(POLL_INTERVAL_S)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        yield lambda: result["bytes"]
+    finally:
+        stop.set()
+        poller.join()
+        peak["kib"] = max(peak["kib"], _status_kib("RssAnon"))
+        result["bytes"] = 1024 * (peak["kib"] - baseline)
 
 
 def _status_kib(field: str) -> int:

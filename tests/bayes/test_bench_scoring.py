@@ -10,6 +10,7 @@ import torch
 from annotator.bayes.prior import optimize_prior_precision
 from annotator.bench.scoring import (
     PUBLISHED_PRIOR_PRECISION,
+    _measure,
     format_markdown,
     measure_cosine_approximation,
     realistic_projection,
@@ -70,3 +71,13 @@ def test_cosine_measurement_tiny_run():
     # The approximation tracks Monte Carlo to within tens of percent even at D = 32.
     assert bool((table["std_rel_error_median"] < 0.5).all())
     assert bool((table["mean_error_in_std_mean"] < 1.0).all())
+
+
+def test_cpu_peak_memory_sees_allocation():
+    def allocate():
+        block = torch.ones(50 * 2**20)  # 200 MiB of float32, written, so it is resident
+        return block.sum()
+
+    _, measurement = _measure(torch.device("cpu"), allocate)
+
+    assert measurement.peak_bytes >= 190 * 2**20
