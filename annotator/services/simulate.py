@@ -54,11 +54,14 @@ SIMULATION_COLUMNS = [
 ]
 
 
-def scratch_copy(project: Project, directory: Path, *, strategy: str, seed: int) -> Project:
+def scratch_copy(
+    project: Project, directory: Path, *, strategy: str, seed: int, url: str | None = None
+) -> Project:
     """Create an unlabelled copy of ``project`` in ``directory`` that shares its caches.
 
     The copy keeps the images, their splits and feature rows, and links the original
-    ``cache`` folder, so nothing is decoded or encoded again.
+    ``cache`` folder, so nothing is decoded or encoded again. Its store is a new SQLite
+    file in ``directory`` unless ``url`` names another database.
     """
     if directory.exists():
         shutil.rmtree(directory)
@@ -77,11 +80,11 @@ def scratch_copy(project: Project, directory: Path, *, strategy: str, seed: int)
     (directory / "cache").symlink_to(
         (project.directory / "cache").resolve(), target_is_directory=True
     )
-    # A scratch store is always a SQLite file, even when the original uses PostgreSQL.
+    # By default a scratch store is a SQLite file, even when the original uses PostgreSQL.
     copy = create_project(
         directory,
         ProjectConfig.model_validate(config.model_dump()),
-        url=sqlite_url(directory / DATABASE_FILENAME),
+        url=url or sqlite_url(directory / DATABASE_FILENAME),
     )
     images = project.store.images_frame(project.project_id)
     for split, group in images.groupby("split"):
