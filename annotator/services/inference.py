@@ -218,8 +218,8 @@ def zero_shot_posterior(
 
 
 @dataclass(frozen=True)
-class TrainingSet:
-    """Acquisition labels that train the head: feature rows and class indices."""
+class LabelledSet:
+    """Current labels of one split: image ids, feature rows and class indices, each (n,)."""
 
     image_ids: np.ndarray
     feature_rows: np.ndarray
@@ -234,7 +234,7 @@ def refit_posterior(
     snapshot: ModelSnapshot,
     factors: ProjectionFactors,
     cache: FeatureCache,
-    training: TrainingSet,
+    training: LabelledSet,
     device: torch.device | str = "cpu",
 ) -> LogitPosterior:
     """Return the posterior for the current labels: zero-shot with none, the refit head after."""

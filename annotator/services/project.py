@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from annotator.db.engine import display_url, sqlite_url
 from annotator.db.records import ProjectInfo
 from annotator.db.store import Store
 from annotator.errors import ConfigError
-from annotator.models.specs import ModelSpec
+from annotator.models.specs import ModelSpec, folder_safe
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ class Project:
     @property
     def model_key(self) -> str:
         """A folder-safe identity of the model, used to key feature and model caches."""
-        return _folder_safe(self.model_spec.cache_key)
+        return folder_safe(self.model_spec.cache_key)
 
     @property
     def images_dir(self) -> Path:
@@ -169,7 +168,3 @@ def _check_compatible(existing: ProjectConfig, new: ProjectConfig, path: Path) -
 
 def _find_project(store: Store, name: str) -> ProjectInfo | None:
     return next((p for p in store.list_projects() if p.name == name), None)
-
-
-def _folder_safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"

@@ -22,8 +22,8 @@ from annotator.errors import ConfigError
 from annotator.evaluation.metrics import classification_metrics
 from annotator.logs import log_event
 from annotator.services.inference import (
+    LabelledSet,
     ModelSnapshot,
-    TrainingSet,
     load_project_factors,
     load_snapshot,
     open_feature_cache,
@@ -34,18 +34,6 @@ from annotator.services.project import Project
 from annotator.services.ranking import Ranking, compute_device, rank_pool
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LabelledSet:
-    """Current labels of one split: image ids, feature rows and class indices."""
-
-    image_ids: np.ndarray
-    feature_rows: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
 
 
 @dataclass(frozen=True)
@@ -126,7 +114,7 @@ def current_posterior(project: Project) -> PosteriorState:
         snapshot,
         factors,
         cache,
-        TrainingSet(training.image_ids, training.feature_rows, training.labels),
+        training,
         device=compute_device(project),
     )
     return PosteriorState(
