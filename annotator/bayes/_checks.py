@@ -43,8 +43,8 @@ def check_shape(name: str, value: Tensor, expected: Sequence[int | None]) -> Ten
         want is None or want == got for want, got in zip(expected, actual, strict=True)
     )
     if not matches:
-        shown = tuple("*" if want is None else want for want in expected)
-        raise InputError(f"{name} must have shape {shown}, got {actual}")
+        expected_shape = tuple("*" if want is None else want for want in expected)
+        raise InputError(f"{name} must have shape {expected_shape}, got {actual}")
     return value
 
 

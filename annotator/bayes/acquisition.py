@@ -76,7 +76,7 @@ class Strategy(enum.StrEnum):
 
 
 class LogitSampling(enum.StrEnum):
-    """How the sampled strategies (BALD, power-BALD, predictive entropy) draw logits."""
+    """Logit sampling scheme of the sampled strategies (BALD, power-BALD, predictive entropy)."""
 
     INDEPENDENT = "independent"
     """Each logit from its marginal ``N(mean, variance)``: cheapest, ignores the correlation
