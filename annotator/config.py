@@ -122,6 +122,9 @@ class AcquisitionConfig(_Section):
     """Exponent of stochastic power acquisition: probability of a pick ∝ score^beta."""
     num_samples: Annotated[int, Field(ge=2)] = 64
     """Monte Carlo samples for BALD and EPIG."""
+    sampling: Literal["independent", "embedding", "weights"] = "independent"
+    """How BALD draws logits: each class from its marginal, from image-embedding draws
+    (zero-shot only), or from whole weight draws, which keep the correlation between classes."""
     epig_targets: Annotated[int, Field(ge=1)] = 256
     """Pool images sampled as EPIG's target set."""
     batch_timeout_minutes: Annotated[float, Field(gt=0)] = 120

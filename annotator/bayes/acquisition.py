@@ -38,6 +38,9 @@ DEFAULT_NUM_SAMPLES = 100
 #: Default number of pool images drawn as the EPIG target set when none is given.
 DEFAULT_NUM_TARGETS = 256
 
+DEFAULT_SAMPLED_CLASSES = 64
+"""Classes per image that independent logit sampling draws; the rest are merged into one."""
+
 
 class Strategy(enum.StrEnum):
     """Acquisition strategy: what :func:`score_pool` computes for each pool image."""
@@ -110,6 +113,7 @@ def score_pool(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     sampling: LogitSampling | str = LogitSampling.INDEPENDENT,
     num_targets: int = DEFAULT_NUM_TARGETS,
+    sampled_classes: int | None = DEFAULT_SAMPLED_CLASSES,
 ) -> Tensor:
     """Score every pool image, where a higher score means more informative.
 
@@ -146,6 +150,13 @@ def score_pool(
         draws, because independent draws make its joint predictive factorise.
     num_targets : int
         Size of the EPIG target set drawn from the pool when ``target_features`` is None.
+    sampled_classes : int, optional
+        With independent sampling and more classes than this, each image samples only the
+        classes with the largest upper bounds ``mean + 3·sd``, plus one class that stands for
+        all others (see :func:`truncate_logit_moments`). None samples every class. Merging
+        classes can only lower the mutual information, and classes far below the top carry
+        almost no probability, so BALD changes little while the sampling cost falls from
+        ``S·C`` to ``S·(sampled_classes + 1)`` per image.
 
     Returns
     -------
@@ -214,6 +225,7 @@ def score_pool(
                 generator=generator,
                 draws=draws,
                 targets=targets,
+                sampled_classes=sampled_classes,
             )
         )
     scores = torch.cat(parts) if parts else features.new_zeros(0)
@@ -333,6 +345,7 @@ def _score_chunk(
     generator: torch.Generator | None,
     draws: WeightDraws | None,
     targets: Tensor | None,
+    sampled_classes: int | None = None,
 ) -> Tensor:
     if strategy is Strategy.ENTROPY:
         return entropy(torch.softmax(posterior.map_logits(features, offsets), dim=-1))
@@ -343,13 +356,16 @@ def _score_chunk(
         return variance.sum(-1)
 
     num_classes = posterior.num_classes
+    moments = None
+    if strategy in _SAMPLED and sampling is LogitSampling.INDEPENDENT:
+        moments = posterior.logit_moments(features, offsets, chunk_size=features.shape[0])
+        if sampled_classes is not None and num_classes > sampled_classes + 1:
+            moments = truncate_logit_moments(*moments, sampled_classes)
+            num_classes = sampled_classes + 1
     group = max(1, ELEMENT_BUDGET // (num_samples * num_classes))
     if strategy is Strategy.EPIG and targets is not None:
         # The (rows, M, C, C) joint must fit the budget too.
         group = max(1, min(group, ELEMENT_BUDGET // (targets.shape[1] * num_classes**2)))
-    moments = None
-    if strategy in _SAMPLED and sampling is LogitSampling.INDEPENDENT:
-        moments = posterior.logit_moments(features, offsets, chunk_size=features.shape[0])
 
     parts = []
     for start in range(0, features.shape[0], group):
@@ -370,6 +386,36 @@ def _score_chunk(
         else:
             parts.append(bald_from_logits(logits))
     return torch.cat(parts)
+
+
+def truncate_logit_moments(mean: Tensor, variance: Tensor, kept: int) -> tuple[Tensor, Tensor]:
+    """Keep each row's ``kept`` most plausible classes and merge the others into one.
+
+    The kept classes are those with the largest upper bound ``mean + 3·sd``. The merged class
+    gets the logit ``logsumexp`` of the other classes' means, which gives it their total
+    softmax mass at the mean, and variance 0. Merging classes is a function of the label,
+    so BALD of the merged label is at most BALD of the original one.
+
+    Parameters
+    ----------
+    mean, variance : Tensor, shape (N, C)
+        Marginal logit moments.
+    kept : int
+        Classes kept per row, less than ``C - 1``.
+
+    Returns
+    -------
+    tuple of Tensor, each shape (N, kept + 1)
+        Moments of the kept classes, then of the merged class.
+    """
+    check_positive_int("kept", kept)
+    upper = mean + 3.0 * variance.clamp_min(0.0).sqrt()
+    top = upper.topk(kept, dim=-1).indices  # (N, kept)
+    others = torch.ones_like(mean, dtype=torch.bool).scatter_(-1, top, False)
+    merged = torch.logsumexp(mean.masked_fill(~others, float("-inf")), dim=-1, keepdim=True)
+    truncated_mean = torch.cat([mean.gather(-1, top), merged], dim=-1)
+    truncated_variance = torch.cat([variance.gather(-1, top), torch.zeros_like(merged)], dim=-1)
+    return truncated_mean, truncated_variance
 
 
 def _target_probabilities(

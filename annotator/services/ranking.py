@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from annotator.bayes import LogitPosterior, Strategy, score_pool
+from annotator.bayes import LogitPosterior, LogitSampling, Strategy, score_pool
 from annotator.bayes.predictive import probit_probabilities
 from annotator.data.features import FeatureCache
 from annotator.logs import log_event
@@ -135,6 +135,7 @@ def rank_pool(
             project, cache, feature_rows, selectable, settings.epig_targets, round_index, device
         )
 
+    sampling = _sampling_for(posterior, settings.sampling)
     count = len(image_ids)
     k = min(TOP_K, posterior.num_classes)
     scores = np.full(count, np.nan, dtype=np.float32)
@@ -166,6 +167,7 @@ def rank_pool(
             offsets=offsets,
             num_samples=settings.num_samples,
             generator=generator,
+            sampling=sampling,
         )
         epistemic[start:stop] = bald.float().cpu().numpy()
         if strategy in BALD_STRATEGIES:
@@ -180,6 +182,7 @@ def rank_pool(
                 target_offsets=target_offsets,
                 num_samples=settings.num_samples,
                 generator=generator,
+                sampling=sampling,
             )
         scores[start:stop] = chunk_scores.float().cpu().numpy()
 
@@ -207,6 +210,15 @@ def rank_pool(
         seconds=round(time.perf_counter() - started, 3),
     )
     return ranking
+
+
+def _sampling_for(posterior: LogitPosterior, setting: str) -> LogitSampling:
+    """The configured logit sampling, with embedding draws replaced by weight draws for a
+    posterior that has no embedding sampler (the refit head)."""
+    sampling = LogitSampling(setting)
+    if sampling is LogitSampling.EMBEDDING and not hasattr(posterior, "sampled_embedding_logits"):
+        return LogitSampling.WEIGHTS
+    return sampling
 
 
 def _epig_targets(

@@ -14,6 +14,7 @@ from annotator.bayes.acquisition import (
     Strategy,
     score_pool,
     select_batch,
+    truncate_logit_moments,
 )
 from annotator.bayes.factors import KroneckerFactors
 from annotator.bayes.head import fit_head
@@ -391,3 +392,55 @@ def test_empty_pool_scores_and_selection():
     assert mean.shape == (0, C)
     assert variance.shape == (0, C)
     assert select_batch(scores, 5).tolist() == []
+
+
+def test_truncated_moments_keep_top_and_merge_rest():
+    mean = torch.tensor([[3.0, 0.0, -1.0, 2.0, -5.0]], dtype=torch.float64)
+    variance = torch.tensor([[0.1, 0.1, 9.0, 0.1, 0.1]], dtype=torch.float64)
+
+    kept_mean, kept_variance = truncate_logit_moments(mean, variance, 3)
+
+    # Upper bounds mean + 3 sd: 3.95, 0.95, 8.0, 2.95, -4.05, so classes 2, 0 and 3 stay.
+    assert kept_mean[0, :3].tolist() == [-1.0, 3.0, 2.0]
+    assert kept_variance[0, :3].tolist() == [9.0, 0.1, 0.1]
+    assert float(kept_variance[0, 3]) == 0.0
+    merged = torch.softmax(kept_mean, -1)[0, 3]
+    expected = torch.softmax(mean, -1)[0, [1, 4]].sum()
+    assert float(merged) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_truncated_bald_close_to_full_with_many_classes():
+    generator = torch.Generator().manual_seed(3)
+    classes, dim = 200, 16
+    factors = KroneckerFactors(
+        A=random_spd(P, generator=generator),
+        B=random_spd(dim, generator=generator),
+        n=20.0,
+        prior_precision=20.0,
+    )
+    weight = torch.randn(dim, P, generator=generator, dtype=torch.float64)
+    embeddings = torch.randn(classes, dim, generator=generator, dtype=torch.float64)
+    posterior = ZeroShotPosterior(
+        ProjectionPosterior(weight, factors), class_embeddings=embeddings, logit_scale=30.0
+    )
+    pool = _pool(N=200, seed=4)
+
+    def scores(sampled_classes):
+        return score_pool(
+            posterior,
+            pool,
+            "bald",
+            num_samples=2000,
+            generator=torch.Generator().manual_seed(5),
+            sampled_classes=sampled_classes,
+        )
+
+    full, truncated = scores(None), scores(16)
+    # A posterior that spreads each image over a few of the 200 classes, as after training.
+    assert 0.05 < float(full.mean()) < 1.0
+
+    # Merging classes can only lower the mutual information (up to sampling error).
+    assert float((truncated - full).max()) < 0.02
+    assert float((full - truncated).abs().mean()) < 0.05 * float(full.mean())
+    ranks = lambda x: x.argsort().argsort().double()  # noqa: E731
+    assert float(torch.corrcoef(torch.stack([ranks(full), ranks(truncated)]))[0, 1]) > 0.95
