@@ -317,6 +317,13 @@ def simulate(
         list[Path] | None,
         typer.Option(help="Plot files (.png or .html); default: the CSV's name with both."),
     ] = None,
+    held_out_class: Annotated[
+        str | None,
+        typer.Option(
+            help="Leave this class out of the label set and report how well the epistemic "
+            "uncertainty detects its images (column ood_auroc)."
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Compare acquisition strategies by labelling from ground truth, round by round."""
@@ -338,8 +345,10 @@ def simulate(
         out=out,
         plots=plots,
         progress=progress,
+        held_out_class=held_out_class,
     )
-    summary = frame.groupby(["strategy", "labels_spent"])["accuracy"].agg(["mean", "std", "count"])
+    columns = ["accuracy", "ood_auroc"] if held_out_class else ["accuracy"]
+    summary = frame.groupby(["strategy", "labels_spent"])[columns].agg(["mean", "std"])
     typer.echo(summary.to_string())
     typer.echo(f"wrote {out} and {', '.join(map(str, plots))}")
 
@@ -461,6 +470,9 @@ def hessian_estimate(
         Path | None, typer.Option(help="Estimate from a project's pool with its class prompts.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Pairs per batch (the InfoNCE text set).")] = 64,
+    num_data: Annotated[
+        float, typer.Option(help="Effective number of data points n that scales the factors.")
+    ] = 1.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Estimate KFAC factors A and B of the image and text projections."""
@@ -471,10 +483,18 @@ def hessian_estimate(
     if project is not None:
         from annotator.services.project import open_project
 
-        directory = estimate_project_factors(open_project(project), output=out, progress=progress)
+        directory = estimate_project_factors(
+            open_project(project), output=out, progress=progress, num_data=num_data
+        )
     else:
         directory = estimate_pair_factors(
-            spec=model, arch=arch, pairs=pairs, output=out, batch_size=batch_size, progress=progress
+            spec=model,
+            arch=arch,
+            pairs=pairs,
+            output=out,
+            batch_size=batch_size,
+            num_data=num_data,
+            progress=progress,
         )
     typer.echo(f"wrote factors to {directory}")
 

@@ -18,8 +18,12 @@ from annotator.services.rounds import refresh_latest_metrics
 logger = logging.getLogger(__name__)
 
 
-def read_oracle(project: Project) -> dict[str, str]:
-    """Return the oracle's class name for each resolved image path."""
+def read_oracle(project: Project, *, allow_unknown: bool = False) -> dict[str, str]:
+    """Return the oracle's class name for each resolved image path.
+
+    With ``allow_unknown``, labels that are not project classes are returned too, for
+    simulations that leave a class out of the label set.
+    """
     path = project.oracle_path
     if path is None:
         raise ConfigError(
@@ -29,7 +33,7 @@ def read_oracle(project: Project) -> dict[str, str]:
     dataset = read_labelled_dataset(path)
     names = set(project.config.class_names)
     unknown = sorted(set(dataset.class_names) - names)
-    if unknown:
+    if unknown and not allow_unknown:
         raise InputError(
             f"oracle {path} has labels that are not project classes: {', '.join(unknown)}"
         )
@@ -54,22 +58,28 @@ def oracle_labels(
     return labels
 
 
-def label_evaluation_from_oracle(project: Project, *, annotator: str = "ground-truth") -> int:
-    """Label every unlabelled evaluation image from the oracle and re-evaluate the latest round."""
+def label_evaluation_from_oracle(
+    project: Project, *, annotator: str = "ground-truth", skip_unknown: bool = False
+) -> int:
+    """Label every unlabelled evaluation image from the oracle and re-evaluate the latest round.
+
+    With ``skip_unknown``, images whose oracle label is not a project class stay unlabelled.
+    Returns the number of labels written.
+    """
     images = project.store.images_frame(project.project_id, status="ok", split="evaluation")
     labelled = set(
         project.store.labels_frame(project.project_id, latest_only=True)["image_id"].tolist()
     )
     missing = [int(i) for i in images["id"] if int(i) not in labelled]
-    if not missing:
-        return 0
-    labels = oracle_labels(project, missing)
     classes = {c.name: c.id for c in project.store.classes(project.project_id)}
-    project.store.add_labels(
-        project.project_id,
-        {image_id: classes[name] for image_id, name in labels.items()},
-        annotator=annotator,
-        source="oracle",
-    )
+    oracle = read_oracle(project, allow_unknown=skip_unknown)
+    labels = {
+        image_id: classes[name]
+        for image_id, name in oracle_labels(project, missing, oracle).items()
+        if name in classes
+    }
+    if not labels:
+        return 0
+    project.store.add_labels(project.project_id, labels, annotator=annotator, source="oracle")
     refresh_latest_metrics(project)
-    return len(missing)
+    return len(labels)

@@ -9,6 +9,7 @@ person labels in the browser.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import shutil
@@ -18,7 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from annotator.config import ProjectConfig
@@ -26,8 +29,10 @@ from annotator.data.images import ImageRecord
 from annotator.db.engine import sqlite_url
 from annotator.errors import InputError
 from annotator.services.batches import next_batch, submit_batch
+from annotator.services.inference import SNAPSHOT_FILENAME, load_snapshot, prompts_digest
 from annotator.services.oracle import label_evaluation_from_oracle, oracle_labels, read_oracle
 from annotator.services.project import DATABASE_FILENAME, Project, create_project
+from annotator.services.ranking import Ranking
 from annotator.services.rounds import RoundResult, run_round
 
 logger = logging.getLogger(__name__)
@@ -51,17 +56,27 @@ SIMULATION_COLUMNS = [
     "map_ece",
     "refit_seconds",
     "round_seconds",
+    "ood_auroc",
 ]
 
 
 def scratch_copy(
-    project: Project, directory: Path, *, strategy: str, seed: int, url: str | None = None
+    project: Project,
+    directory: Path,
+    *,
+    strategy: str,
+    seed: int,
+    url: str | None = None,
+    held_out_class: str | None = None,
+    held_out_paths: frozenset[str] = frozenset(),
 ) -> Project:
     """Create an unlabelled copy of ``project`` in ``directory`` that shares its caches.
 
     The copy keeps the images, their splits and feature rows, and links the original
     ``cache`` folder, so nothing is decoded or encoded again. Its store is a new SQLite
-    file in ``directory`` unless ``url`` names another database.
+    file in ``directory`` unless ``url`` names another database. ``held_out_class`` is left
+    out of the copy's classes, and the images in ``held_out_paths`` (resolved paths) move to
+    the evaluation split, so acquisition never offers them.
     """
     if directory.exists():
         shutil.rmtree(directory)
@@ -75,11 +90,10 @@ def scratch_copy(
             "acquisition": source.acquisition.model_copy(update={"strategy": strategy}),
             "evaluation": source.evaluation.model_copy(update={"labels": None, "per_batch": 0}),
             "seed": seed,
+            "classes": tuple(c for c in source.classes if c.name != held_out_class),
         }
     )
-    (directory / "cache").symlink_to(
-        (project.directory / "cache").resolve(), target_is_directory=True
-    )
+    _link_caches(project, directory, config, held_out_class)
     # By default a scratch store is a SQLite file, even when the original uses PostgreSQL.
     copy = create_project(
         directory,
@@ -87,6 +101,8 @@ def scratch_copy(
         url=url or sqlite_url(directory / DATABASE_FILENAME),
     )
     images = project.store.images_frame(project.project_id)
+    resolved = images["path"].map(lambda p: str(Path(p).resolve()))
+    images.loc[resolved.isin(held_out_paths), "split"] = "evaluation"
     for split, group in images.groupby("split"):
         records = [
             ImageRecord(
@@ -112,6 +128,35 @@ def scratch_copy(
     return copy
 
 
+def _link_caches(
+    project: Project, directory: Path, config: ProjectConfig, held_out_class: str | None
+) -> None:
+    """Link the copy's ``cache`` folder to the original's.
+
+    With a held-out class the model snapshot is rewritten without that class's text features,
+    and everything else is linked.
+    """
+    source = (project.directory / "cache").resolve()
+    target = directory / "cache"
+    if held_out_class is None:
+        target.symlink_to(source, target_is_directory=True)
+        return
+    (target / "model").mkdir(parents=True)
+    (target / "features").symlink_to(source / "features", target_is_directory=True)
+    model_dir = target / "model" / project.model_key
+    model_dir.mkdir()
+    for item in (source / "model" / project.model_key).iterdir():
+        if item.name != SNAPSHOT_FILENAME:
+            (model_dir / item.name).symlink_to(item)
+    snapshot = load_snapshot(project)
+    keep = [i for i, name in enumerate(project.config.class_names) if name != held_out_class]
+    dataclasses.replace(
+        snapshot,
+        class_features=snapshot.class_features[keep],
+        prompts_digest=prompts_digest(config.class_prompts()),
+    ).save(model_dir / SNAPSHOT_FILENAME)
+
+
 def simulate_project(
     project: Project,
     *,
@@ -121,15 +166,28 @@ def simulate_project(
     batch_size: int,
     work_dir: Path | None = None,
     progress: bool = True,
+    held_out_class: str | None = None,
 ) -> pd.DataFrame:
     """Run every (strategy, seed) pair for ``rounds`` rounds of ``batch_size`` oracle labels.
+
+    With ``held_out_class``, that class is left out of the label set: its images are never
+    acquired or labelled, and each round reports ``ood_auroc``, the AUROC of the epistemic
+    uncertainty (BALD) for telling them apart from the labelled evaluation images.
 
     Returns one row per round and run, round 0 (zero-shot) included, with the columns of
     :data:`SIMULATION_COLUMNS`.
     """
     if rounds < 1 or batch_size < 1:
         raise InputError(f"rounds ({rounds}) and batch size ({batch_size}) must be at least 1")
+    held_out_paths: frozenset[str] = frozenset()
+    if held_out_class is not None and held_out_class not in project.config.class_names:
+        raise InputError(
+            f"held-out class {held_out_class!r} is not a project class; "
+            f"choose one of {', '.join(project.config.class_names)}"
+        )
     oracle = read_oracle(project)
+    if held_out_class is not None:
+        held_out_paths = frozenset(p for p, label in oracle.items() if label == held_out_class)
     rows: list[dict[str, Any]] = []
     runs = [(strategy, seed) for strategy in strategies for seed in seeds]
     owned = work_dir is None
@@ -138,13 +196,23 @@ def simulate_project(
     try:
         for strategy, seed in runs:
             scratch = scratch_copy(
-                project, root / f"{strategy}-seed{seed}", strategy=strategy, seed=seed
+                project,
+                root / f"{strategy}-seed{seed}",
+                strategy=strategy,
+                seed=seed,
+                held_out_class=held_out_class,
+                held_out_paths=held_out_paths,
             )
+            ood = _held_out_ids(scratch, held_out_paths)
             try:
-                label_evaluation_from_oracle(scratch, annotator=ORACLE_ANNOTATOR)
+                label_evaluation_from_oracle(
+                    scratch, annotator=ORACLE_ANNOTATOR, skip_unknown=held_out_class is not None
+                )
                 started = time.perf_counter()
                 result = run_round(scratch, note="zero-shot")
-                rows.append(_row(strategy, seed, result, time.perf_counter() - started))
+                rows.append(
+                    _row(strategy, seed, result, time.perf_counter() - started, scratch, ood)
+                )
                 for _ in range(rounds):
                     started = time.perf_counter()
                     batch = next_batch(scratch, ORACLE_ANNOTATOR, size=batch_size)
@@ -154,9 +222,8 @@ def simulate_project(
                     labels = oracle_labels(scratch, [t.image_id for t in batch.tasks], oracle)
                     submitted = submit_batch(scratch, batch.batch_id, labels)
                     if submitted.round is not None:
-                        rows.append(
-                            _row(strategy, seed, submitted.round, time.perf_counter() - started)
-                        )
+                        seconds = time.perf_counter() - started
+                        rows.append(_row(strategy, seed, submitted.round, seconds, scratch, ood))
                     bar.update(1)
             finally:
                 scratch.close()
@@ -167,7 +234,33 @@ def simulate_project(
     return pd.DataFrame(rows, columns=SIMULATION_COLUMNS)
 
 
-def _row(strategy: str, seed: int, result: RoundResult, seconds: float) -> dict[str, Any]:
+def _held_out_ids(project: Project, held_out_paths: frozenset[str]) -> np.ndarray:
+    images = project.store.images_frame(project.project_id, status="ok")
+    resolved = images["path"].map(lambda p: str(Path(p).resolve()))
+    return images.loc[resolved.isin(held_out_paths), "id"].to_numpy(dtype=np.int64)
+
+
+def ood_auroc(project: Project, ranking: Ranking, held_out_ids: np.ndarray) -> float:
+    """AUROC of the epistemic uncertainty for held-out-class images against the labelled
+    evaluation images; NaN without held-out images."""
+    if held_out_ids.size == 0:
+        return float("nan")
+    labelled = project.store.labels_frame(project.project_id, latest_only=True, split="evaluation")
+    known = np.isin(ranking.image_ids, labelled["image_id"].to_numpy())
+    unknown = np.isin(ranking.image_ids, held_out_ids)
+    scores = np.concatenate([ranking.epistemic[unknown], ranking.epistemic[known]])
+    truth = np.concatenate([np.ones(unknown.sum()), np.zeros(known.sum())])
+    return float(roc_auc_score(truth, scores))
+
+
+def _row(
+    strategy: str,
+    seed: int,
+    result: RoundResult,
+    seconds: float,
+    project: Project,
+    held_out_ids: np.ndarray,
+) -> dict[str, Any]:
     bayes = result.metrics.get("bayes", {})
     deterministic = result.metrics.get("map", {})
     low, high = bayes.get("accuracy_low", float("nan")), bayes.get("accuracy_high", float("nan"))
@@ -188,6 +281,7 @@ def _row(strategy: str, seed: int, result: RoundResult, seconds: float) -> dict[
         "map_ece": deterministic.get("ece", float("nan")),
         "refit_seconds": result.refit_seconds,
         "round_seconds": seconds,
+        "ood_auroc": ood_auroc(project, result.ranking, held_out_ids),
     }
 
 
@@ -251,6 +345,7 @@ def run_simulation(
     out: Path,
     plots: Sequence[Path],
     progress: bool = True,
+    held_out_class: str | None = None,
 ) -> pd.DataFrame:
     """Simulate over a project or a labelled dataset; write the CSV and the plots."""
     from annotator.evaluation.charts import save_chart, simulation_chart
@@ -280,6 +375,7 @@ def run_simulation(
             rounds=rounds,
             batch_size=batch_size,
             progress=progress,
+            held_out_class=held_out_class,
         )
     finally:
         project.close()
