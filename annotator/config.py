@@ -83,6 +83,9 @@ class PosteriorConfig(_Section):
     """Re-optimise the prior precision by the Laplace evidence after loading the factors."""
     head_posterior: Literal["auto", "dense", "kfac"] = "auto"
     """Covariance of the refit head: dense, Kronecker-factored (KFAC), or chosen by size."""
+    head_prior_scale: Annotated[float, Field(gt=0)] | Literal["evidence"] = "evidence"
+    """Multiplier of the head's prior precision (1 keeps the prior the factors induce), or
+    ``evidence`` to choose it after every batch by the Laplace evidence of the labels."""
 
 
 class ClassConfig(_Section):

@@ -24,6 +24,16 @@ through the eigendecompositions ``G̃ = M diag(γ) Mᵀ`` and ``X̃ = N diag(ξ)
 ``P_U⁻¹ = (M ⊗ N) diag(1/(1 + γ_a ξ_j)) (M ⊗ N)ᵀ``. This equals the inverse of
 ``R⁻¹ ⊗ A' + G ⊗ X`` through the generalised eigendecompositions of the pairs
 ``(R⁻¹, G)`` and ``(A', X)``.
+
+The prior precision in whitened coordinates is ``τ I``: ``τ = 1`` is the prior that the
+projection factors induce, and ``fit_head(prior_scale="evidence")`` chooses ``τ`` by the
+Laplace evidence of the labels (MacKay's evidence framework, as in Immer et al. 2021),
+
+    log p(y | τ) ≈ −Σ_i CE(z_i, y_i) − ½ τ ‖U*‖² + ½ C p log τ − ½ log det(τ I + GGN),
+
+with the MAP ``U*`` refit for each ``τ``. The factors' effective number of data points sets
+how confident the zero-shot posterior is; ``τ`` lets the labels decide how far the head may
+move from it. Every ``P_U`` above reads ``τ I + …``.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import dataclasses
 import enum
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -54,6 +65,9 @@ logger = logging.getLogger(__name__)
 #: The ``"auto"`` covariance is dense up to this many head parameters ``C·p``: the dense
 #: precision then takes at most 4096² float64 entries (128 MiB).
 DENSE_MAX_PARAMETERS = 4096
+
+#: Search range of the evidence-tuned prior precision ``τ`` (whitened coordinates).
+PRIOR_SCALE_BOUNDS = (1e-3, 1e3)
 
 
 class HeadCovariance(enum.StrEnum):
@@ -79,12 +93,12 @@ class _DenseCovariance:
 
 @dataclasses.dataclass(frozen=True)
 class _KroneckerCovariance:
-    """KFAC posterior ``P_U = I + G̃ ⊗ X̃`` in the eigenbases ``G̃ = M diag(γ) Mᵀ``,
+    """KFAC posterior ``P_U = τ I + G̃ ⊗ X̃`` in the eigenbases ``G̃ = M diag(γ) Mᵀ``,
     ``X̃ = N diag(ξ) Nᵀ``."""
 
     class_basis: Tensor  # K = L_R M, (C, C)
     input_basis: Tensor  # Q = C_A⁻ᵀ N, (p, p)
-    inverse_eigenvalues: Tensor  # 1/(1 + γ_a ξ_j), (p, C)
+    inverse_eigenvalues: Tensor  # 1/(τ + γ_a ξ_j), (p, C)
     class_eigenvectors: Tensor  # M, (C, C)
     input_eigenvectors: Tensor  # N, (p, p)
 
@@ -106,6 +120,10 @@ class HeadPosterior:
         ``DENSE`` or ``KFAC``.
     num_labels : int
         Number of labelled images the head was fit on.
+    prior_scale : float
+        ``τ``, the prior precision in whitened coordinates (1 is the factors' own prior).
+    log_evidence : float or None
+        Laplace log evidence of the labels at ``τ``, None without labels.
     """
 
     def __init__(
@@ -117,8 +135,12 @@ class HeadPosterior:
         row_factor: Tensor,
         num_labels: int,
         state: _DenseCovariance | _KroneckerCovariance,
+        prior_scale: float = 1.0,
+        log_evidence: float | None = None,
     ) -> None:
         self._zero_shot = zero_shot
+        self.prior_scale = prior_scale
+        self.log_evidence = log_evidence
         self.weight = weight
         self.prior_mean = prior_mean
         self._row_factor = row_factor  # L_R, (C, C)
@@ -203,7 +225,7 @@ class HeadPosterior:
         """Draw head weights ``V_s`` from the Laplace posterior.
 
         Dense: ``vec U_s = C_P⁻ᵀ ε`` with ``P_U = C_P C_Pᵀ``. KFAC:
-        ``U_s = M (E ∘ (1 + γ ξᵀ)^{-1/2}) Nᵀ``. Then ``V_s = V* + L_R U_s L_Aᵀ``.
+        ``U_s = M (E ∘ (τ + γ ξᵀ)^{-1/2}) Nᵀ``. Then ``V_s = V* + L_R U_s L_Aᵀ``.
 
         Parameters
         ----------
@@ -274,7 +296,7 @@ class HeadPosterior:
             projected = torch.einsum("np,cpq->ncq", inputs, matrices["row_blocks"])
             variance = (projected * inputs[:, None, :]).sum(-1)
         else:
-            # Var z_c = Σ_a K_ca² Σ_j u_j² / (1 + γ_a ξ_j) with u = Qᵀ x
+            # Var z_c = Σ_a K_ca² Σ_j u_j² / (τ + γ_a ξ_j) with u = Qᵀ x
             rotated = inputs @ matrices["input_basis"]  # (n, p)
             variance = (rotated * rotated) @ matrices["inverse_eigenvalues"]  # (n, C)
             variance = variance @ matrices["class_basis_sq_t"]
@@ -336,6 +358,7 @@ def fit_head(
     offsets: Tensor | None = None,
     *,
     covariance: HeadCovariance | str = HeadCovariance.AUTO,
+    prior_scale: float | str = 1.0,
     row_jitter: float = 1e-6,
     max_iterations: int = 500,
     gradient_tolerance: float = 1e-9,
@@ -361,6 +384,10 @@ def fit_head(
     covariance : HeadCovariance or str
         ``"auto"``, ``"dense"`` or ``"kfac"``. ``"auto"`` is dense when
         ``C·p <= DENSE_MAX_PARAMETERS`` and KFAC otherwise.
+    prior_scale : float or "evidence"
+        ``τ``, the multiplier of the prior precision; ``"evidence"`` maximises the Laplace
+        evidence of the labels over ``log τ`` in :data:`PRIOR_SCALE_BOUNDS`, refitting the
+        MAP for each candidate.
     row_jitter : float
         ``ε`` in ``R + ε·mean(diag R)·I``.
     max_iterations : int
@@ -378,6 +405,13 @@ def fit_head(
         When shapes, dtypes or label values are invalid.
     """
     covariance = _parse_covariance(covariance)
+    tune_prior = prior_scale == "evidence"
+    if not tune_prior:
+        if isinstance(prior_scale, str):
+            raise InputError(
+                f"prior_scale must be a positive number or 'evidence', got {prior_scale!r}"
+            )
+        prior_scale = check_positive("prior_scale", prior_scale)
     row_jitter = check_positive("row_jitter", row_jitter)
     check_positive_int("max_iterations", max_iterations)
     check_positive("gradient_tolerance", gradient_tolerance)
@@ -393,8 +427,6 @@ def fit_head(
         logger.info("Head covariance: %s for C*p = %d parameters", covariance.value, C * p)
 
     # 1. Prior: V₀ = s T̂ W*, R = s² T̂ B'⁻¹ T̂ᵀ + ε·mean(diag R)·I, L_R L_Rᵀ = R.
-    # NOTE: the prior's scale comes from the projection factors (n, λ) as they are. It is not
-    # re-optimised by the Laplace evidence of the labelled data.
     scale = zero_shot.logit_scale
     unit_classes = F.normalize(zero_shot.class_embeddings, dim=-1)  # T̂, (C, D)
     prior_mean = scale * unit_classes @ image.weight  # (C, p)
@@ -421,33 +453,52 @@ def fit_head(
     whitened_inputs = inputs @ whitener.T  # (n, p)
     prior_logits = inputs @ prior_mean.T + logit_offsets  # zero-shot logits, (n, C)
 
-    # 3. MAP in whitened coordinates: z = z₀ + x̃ Uᵀ L_Rᵀ.
-    whitened_weight = _fit_map(
-        whitened_inputs,
-        labels,
-        prior_logits,
-        row_factor,
-        max_iterations=max_iterations,
-        gradient_tolerance=gradient_tolerance,
-    )
-    weight = prior_mean + row_factor @ whitened_weight @ whitener
-
-    # 4. Laplace posterior at the MAP.
-    logits = prior_logits + whitened_inputs @ whitened_weight.T @ row_factor.T
-    probabilities = torch.softmax(logits, dim=-1)
-    if covariance is HeadCovariance.DENSE:
-        state: _DenseCovariance | _KroneckerCovariance = _dense_posterior(
-            whitened_inputs, probabilities, row_factor, whitener
+    # 3. MAP in whitened coordinates, z = z₀ + x̃ Uᵀ L_Rᵀ, and the Laplace posterior at it.
+    def fit(tau: float, start: Tensor | None) -> _HeadFit:
+        whitened_weight = _fit_map(
+            whitened_inputs,
+            labels,
+            prior_logits,
+            row_factor,
+            prior_scale=tau,
+            initial=start,
+            max_iterations=max_iterations,
+            gradient_tolerance=gradient_tolerance,
         )
+        logits = prior_logits + whitened_inputs @ whitened_weight.T @ row_factor.T
+        probabilities = torch.softmax(logits, dim=-1)
+        if covariance is HeadCovariance.DENSE:
+            state: _DenseCovariance | _KroneckerCovariance = _dense_posterior(
+                whitened_inputs, probabilities, row_factor, whitener, tau
+            )
+        else:
+            state = _kfac_posterior(whitened_inputs, probabilities, row_factor, whitener, tau)
+        evidence = None
+        if labels.numel():
+            fit_term = -F.cross_entropy(logits, labels, reduction="sum")
+            evidence = float(
+                fit_term
+                - 0.5 * tau * (whitened_weight**2).sum()
+                + 0.5 * C * p * math.log(tau)
+                - 0.5 * _precision_logdet(state)
+            )
+        return _HeadFit(tau, whitened_weight, state, evidence)
+
+    if tune_prior and labels.numel():
+        result = _maximise_evidence(fit)
     else:
-        state = _kfac_posterior(whitened_inputs, probabilities, row_factor, whitener)
+        result = fit(1.0 if tune_prior else float(prior_scale), None)
+    weight = prior_mean + row_factor @ result.whitened_weight @ whitener
+
     return HeadPosterior(
         zero_shot=zero_shot,
         weight=weight,
         prior_mean=prior_mean,
         row_factor=row_factor,
         num_labels=int(features.shape[0]),
-        state=state,
+        state=result.state,
+        prior_scale=result.prior_scale,
+        log_evidence=result.log_evidence,
     )
 
 
@@ -457,12 +508,17 @@ def _fit_map(
     prior_logits: Tensor,
     row_factor: Tensor,
     *,
+    prior_scale: float,
+    initial: Tensor | None,
     max_iterations: int,
     gradient_tolerance: float,
 ) -> Tensor:
-    """Minimise ``Σ_i CE(z₀_i + L_R U x̃_i, y_i) + ½‖U‖²`` over ``U`` (C, p)."""
+    """Minimise ``Σ_i CE(z₀_i + L_R U x̃_i, y_i) + ½ τ ‖U‖²`` over ``U`` (C, p)."""
     C, p = row_factor.shape[0], whitened_inputs.shape[1]
-    whitened_weight = torch.zeros(C, p, dtype=torch.float64, device=whitened_inputs.device)
+    if initial is None:
+        whitened_weight = torch.zeros(C, p, dtype=torch.float64, device=whitened_inputs.device)
+    else:
+        whitened_weight = initial.detach().clone()
     if labels.numel() == 0:
         return whitened_weight
     whitened_weight.requires_grad_(True)
@@ -471,7 +527,7 @@ def _fit_map(
         logits = prior_logits + whitened_inputs @ whitened_weight.T @ row_factor.T
         return (
             F.cross_entropy(logits, labels, reduction="sum")
-            + 0.5 * (whitened_weight * whitened_weight).sum()
+            + 0.5 * prior_scale * (whitened_weight * whitened_weight).sum()
         )
 
     optimizer = torch.optim.LBFGS(
@@ -518,13 +574,17 @@ def _fit_map(
 
 
 def _dense_posterior(
-    whitened_inputs: Tensor, probabilities: Tensor, row_factor: Tensor, whitener: Tensor
+    whitened_inputs: Tensor,
+    probabilities: Tensor,
+    row_factor: Tensor,
+    whitener: Tensor,
+    prior_scale: float = 1.0,
 ) -> _DenseCovariance:
-    """Build ``P_U = I + Σ_i (L_Rᵀ H_i L_R) ⊗ (x̃_i x̃_iᵀ)`` and the blocks ``S_c``."""
+    """Build ``P_U = τ I + Σ_i (L_Rᵀ H_i L_R) ⊗ (x̃_i x̃_iᵀ)`` and the blocks ``S_c``."""
     n, p = whitened_inputs.shape
     C = row_factor.shape[0]
     size = C * p
-    precision = torch.eye(size, dtype=torch.float64, device=whitened_inputs.device)
+    precision = prior_scale * torch.eye(size, dtype=torch.float64, device=whitened_inputs.device)
 
     # Σ_i (L_Rᵀ H_i L_R) ⊗ (x̃_i x̃_iᵀ), accumulated in chunks of labels to bound memory.
     chunk = max(1, ELEMENT_BUDGET // max(1, p * p + C * C))
@@ -549,9 +609,13 @@ def _dense_posterior(
 
 
 def _kfac_posterior(
-    whitened_inputs: Tensor, probabilities: Tensor, row_factor: Tensor, whitener: Tensor
+    whitened_inputs: Tensor,
+    probabilities: Tensor,
+    row_factor: Tensor,
+    whitener: Tensor,
+    prior_scale: float = 1.0,
 ) -> _KroneckerCovariance:
-    """Eigendecompose the two factors of ``P_U = I + G̃ ⊗ X̃``."""
+    """Eigendecompose the two factors of ``P_U = τ I + G̃ ⊗ X̃``."""
     n, p = whitened_inputs.shape
     C = row_factor.shape[0]
     device = whitened_inputs.device
@@ -570,10 +634,64 @@ def _kfac_posterior(
     return _KroneckerCovariance(
         class_basis=row_factor @ class_eigenvectors,
         input_basis=whitener.T @ input_eigenvectors,
-        inverse_eigenvalues=1.0 / (1.0 + input_eigenvalues[:, None] * class_eigenvalues[None, :]),
+        inverse_eigenvalues=1.0
+        / (prior_scale + input_eigenvalues[:, None] * class_eigenvalues[None, :]),
         class_eigenvectors=class_eigenvectors,
         input_eigenvectors=input_eigenvectors,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeadFit:
+    prior_scale: float
+    whitened_weight: Tensor  # U*, (C, p)
+    state: _DenseCovariance | _KroneckerCovariance
+    log_evidence: float | None
+
+
+def _precision_logdet(state: _DenseCovariance | _KroneckerCovariance) -> Tensor:
+    """``log det P_U`` from the Cholesky factor (dense) or the eigenvalues (KFAC)."""
+    if isinstance(state, _DenseCovariance):
+        return 2.0 * state.precision_factor.diagonal().log().sum()
+    return -state.inverse_eigenvalues.log().sum()
+
+
+def _maximise_evidence(fit: Callable[[float, Tensor | None], _HeadFit]) -> _HeadFit:
+    """Maximise the evidence over ``log τ``: a coarse grid, then golden-section refinement.
+
+    Each candidate refits the MAP, warm-started from the nearest candidate so far.
+    """
+    low, high = (math.log(bound) for bound in PRIOR_SCALE_BOUNDS)
+    grid = [low + (high - low) * i / 6 for i in range(7)]
+    fits: dict[float, _HeadFit] = {}
+    previous = None
+    for log_tau in grid:
+        fits[log_tau] = fit(math.exp(log_tau), previous)
+        previous = fits[log_tau].whitened_weight
+    best = max(grid, key=lambda t: fits[t].log_evidence)
+    index = grid.index(best)
+    left, right = grid[max(index - 1, 0)], grid[min(index + 1, len(grid) - 1)]
+
+    # Golden-section search on the bracket around the best grid point.
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    for _ in range(8):
+        inner_left = right - ratio * (right - left)
+        inner_right = left + ratio * (right - left)
+        for log_tau in (inner_left, inner_right):
+            if log_tau not in fits:
+                nearest = min(fits, key=lambda t: abs(t - log_tau))
+                fits[log_tau] = fit(math.exp(log_tau), fits[nearest].whitened_weight)
+        if fits[inner_left].log_evidence >= fits[inner_right].log_evidence:
+            right = inner_right
+        else:
+            left = inner_left
+    chosen = max(fits.values(), key=lambda f: f.log_evidence)
+    logger.info(
+        "Head prior precision scale τ = %.4g by the Laplace evidence (log evidence %.6g)",
+        chosen.prior_scale,
+        chosen.log_evidence,
+    )
+    return chosen
 
 
 def _parse_covariance(covariance: HeadCovariance | str) -> HeadCovariance:

@@ -471,8 +471,12 @@ def hessian_estimate(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Pairs per batch (the InfoNCE text set).")] = 64,
     num_data: Annotated[
-        float, typer.Option(help="Effective number of data points n that scales the factors.")
-    ] = 1.0,
+        float | None,
+        typer.Option(
+            help="Effective number of data points n that scales the factors; "
+            "default: the number of images used."
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Estimate KFAC factors A and B of the image and text projections."""

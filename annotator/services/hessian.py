@@ -11,9 +11,11 @@ The prior precision of each side is then chosen by maximising the Laplace eviden
 the result is written in the BayesVLM directory format.
 
 The effective number of data points ``n`` scales the curvature against the prior. It
-defaults to 1, as in the factors the BayesVLM authors publish, because ``A`` and ``B`` are
-already means. On the demo, ``n = 1`` gave higher accuracy after refits than ``n`` equal to
-the number of pairs, whose prior held the head too close to zero-shot (docs/benchmarks.md).
+defaults to the number of samples the factors were estimated from, the textbook Laplace
+choice since ``A`` and ``B`` are means of per-sample terms. (The factors the BayesVLM
+authors publish use ``n = 1`` with a larger ``λ``.) On the demo, this ``n`` gave a better
+calibrated zero-shot predictive than ``n = 1`` (docs/benchmarks.md), and the head's own
+prior scale is tuned by the evidence of the labels after each batch.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ from annotator.services.ranking import compute_device
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_NUM_DATA = 1.0
-"""Effective number of data points ``n`` of estimated factors."""
+DEFAULT_NUM_DATA: float | None = None
+"""Effective number of data points ``n`` of estimated factors; None uses the sample count."""
 
 
 def estimate_pair_factors(
@@ -60,7 +62,7 @@ def estimate_pair_factors(
     pairs: Path | None = None,
     arch: str | None = None,
     batch_size: int = 64,
-    num_data: float = DEFAULT_NUM_DATA,
+    num_data: float | None = DEFAULT_NUM_DATA,
     progress: bool = True,
     seed: int = 0,
 ) -> Path:
@@ -115,7 +117,7 @@ def estimate_project_factors(
     *,
     output: Path | None = None,
     progress: bool = True,
-    num_data: float = DEFAULT_NUM_DATA,
+    num_data: float | None = DEFAULT_NUM_DATA,
 ) -> Path:
     """Estimate the image projection's factors from the project's pool with its class prompts."""
     snapshot = load_snapshot(project)

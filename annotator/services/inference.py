@@ -248,6 +248,7 @@ def refit_posterior(
         torch.tensor(training.labels, dtype=torch.long, device=device),
         None if offsets is None else offsets.to(device),
         covariance=project.config.posterior.head_posterior,
+        prior_scale=project.config.posterior.head_prior_scale,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from annotator.bayes import LogitPosterior, ProjectionFactors
+from annotator.bayes import HeadPosterior, LogitPosterior, ProjectionFactors
 from annotator.bayes.predictive import probit_probabilities
 from annotator.data.features import FeatureCache
 from annotator.errors import ConfigError
@@ -153,6 +153,7 @@ def run_round(project: Project, *, note: str | None = None) -> RoundResult:
     metrics = evaluate_posterior(
         project, state.snapshot, state.posterior, state.cache, state.evaluation
     )
+    metrics.update(_head_summary(state.posterior))
     latest = project.store.latest_round(project.project_id)
     index = 0 if latest is None else latest.index + 1
     ranking = rank_state(project, state, index)
@@ -193,6 +194,19 @@ def run_round(project: Project, *, note: str | None = None) -> RoundResult:
     )
 
 
+def _head_summary(posterior: LogitPosterior) -> dict[str, Any]:
+    """The refit head's prior scale and evidence, stored with the round's metrics."""
+    if not isinstance(posterior, HeadPosterior):
+        return {}
+    return {
+        "head": {
+            "prior_scale": posterior.prior_scale,
+            "log_evidence": posterior.log_evidence,
+            "covariance": posterior.covariance.value,
+        }
+    }
+
+
 def rerank(project: Project, *, strategy: str) -> Ranking:
     """Re-score the latest round's pool with another strategy, replacing its saved ranking.
 
@@ -219,6 +233,7 @@ def refresh_latest_metrics(project: Project) -> tuple[int, int, dict[str, Any]] 
     metrics = evaluate_posterior(
         project, state.snapshot, state.posterior, state.cache, state.evaluation
     )
+    metrics.update(_head_summary(state.posterior))
     project.store.update_round_metrics(latest.id, metrics)
     return latest.index, len(state.training), metrics
 

@@ -306,3 +306,73 @@ def test_fit_head_rejects_bad_labels():
         fit_head(zero_shot, features, labels[:3])
     with pytest.raises(InputError, match="covariance"):
         fit_head(zero_shot, features, labels, covariance="full")
+
+
+def _reference_log_evidence(head, zero_shot, features, labels, tau):
+    """Laplace log evidence in the head's own coordinates, from explicit dense matrices."""
+    precision = _reference_precision(head, zero_shot, features, labels, None, kfac=False)
+    A_damped, _ = zero_shot.image.factors.damped()
+    prior = torch.kron(torch.linalg.inv(head.prior_row_covariance).contiguous(), A_damped)
+    posterior = precision - prior + tau * prior
+    delta = (head.weight - head.prior_mean).reshape(-1)
+    _, logits = _inputs_and_logits(head.weight, zero_shot, features, None)
+    return float(
+        -F.cross_entropy(logits, labels, reduction="sum")
+        - 0.5 * tau * delta @ prior @ delta
+        + 0.5 * torch.logdet(tau * prior)
+        - 0.5 * torch.logdet(posterior)
+    )
+
+
+@pytest.mark.parametrize("covariance", ["dense", "kfac"])
+def test_prior_scale_scales_prior_precision(covariance):
+    zero_shot = _zero_shot()
+    features, labels, _ = _data(10)
+
+    head = fit_head(zero_shot, features, labels, covariance=covariance, prior_scale=0.25)
+
+    A_damped, _ = zero_shot.image.factors.damped()
+    row_precision = torch.linalg.inv(head.prior_row_covariance)
+    delta = head.weight - head.prior_mean
+    _, logits = _inputs_and_logits(head.weight, zero_shot, features, None)
+    probabilities = torch.softmax(logits, dim=-1)
+    onehot = F.one_hot(labels, C).double()
+    inputs, _ = _inputs_and_logits(head.weight, zero_shot, features, None)
+    # Stationarity of CE + ½ τ tr(ΔVᵀ R⁻¹ ΔV A'): (P − Y)ᵀ X + τ R⁻¹ ΔV A' = 0.
+    gradient = (probabilities - onehot).T @ inputs + 0.25 * row_precision @ delta @ A_damped
+    assert float(gradient.abs().max()) < 1e-6
+    assert head.prior_scale == 0.25
+
+
+def test_log_evidence_matches_dense_reference():
+    zero_shot = _zero_shot()
+    features, labels, _ = _data(12)
+
+    for tau in (0.1, 1.0, 7.0):
+        head = fit_head(zero_shot, features, labels, covariance="dense", prior_scale=tau)
+        reference = _reference_log_evidence(head, zero_shot, features, labels, tau)
+        assert head.log_evidence == pytest.approx(reference, rel=1e-8, abs=1e-8)
+
+
+@pytest.mark.parametrize("covariance", ["dense", "kfac"])
+def test_evidence_prior_scale_is_a_maximum(covariance):
+    zero_shot = _zero_shot(prior_precision=0.5)
+    features, labels, _ = _data(40)
+
+    best = fit_head(zero_shot, features, labels, covariance=covariance, prior_scale="evidence")
+
+    for factor in (0.5, 0.8, 1.25, 2.0):
+        other = fit_head(
+            zero_shot, features, labels, covariance=covariance, prior_scale=best.prior_scale * factor
+        )
+        assert other.log_evidence <= best.log_evidence + 1e-6
+
+
+def test_prior_scale_rejects_bad_values():
+    zero_shot = _zero_shot()
+    features, labels, _ = _data(3)
+
+    with pytest.raises(InputError, match="prior_scale must be a positive number or 'evidence'"):
+        fit_head(zero_shot, features, labels, prior_scale="marginal")
+    with pytest.raises(InputError, match="prior_scale"):
+        fit_head(zero_shot, features, labels, prior_scale=-1.0)
