@@ -49,7 +49,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    """Which vision–language model encodes the images, and where it runs."""
+    """Vision–language model that encodes the images, and the device it runs on."""
 
     spec: str = "demo"
     """``ARCH:TAG`` (open_clip pretrained tag), ``hf-hub:ORG/NAME``, a checkpoint path, or ``demo``."""
@@ -66,7 +66,7 @@ class ModelConfig(_Section):
 
 
 class PosteriorConfig(_Section):
-    """Where the Laplace posterior of the projections comes from, and how the head is refit."""
+    """Source of the projections' Laplace posterior, and settings of the head refit."""
 
     factors: str = "estimate"
     """A folder of factors in the BayesVLM format, ``estimate`` (from the unlabelled pool with the
@@ -116,7 +116,7 @@ class EvaluationConfig(_Section):
 
 
 class AcquisitionConfig(_Section):
-    """How the next batch is chosen."""
+    """Settings of the acquisition of the next batch."""
 
     strategy: StrategyName = "power-bald"
     batch_size: Annotated[int, Field(ge=1)] = 20
@@ -126,7 +126,7 @@ class AcquisitionConfig(_Section):
     num_samples: Annotated[int, Field(ge=2)] = 64
     """Monte Carlo samples for BALD and EPIG."""
     sampling: Literal["independent", "embedding", "weights"] = "independent"
-    """How BALD draws logits: each class from its marginal, from image-embedding draws
+    """Method that BALD uses to draw logits: each class from its marginal, from image-embedding draws
     (zero-shot only), or from whole weight draws, which keep the correlation between classes."""
     epig_targets: Annotated[int, Field(ge=1)] = 256
     """Pool images sampled as EPIG's target set."""
@@ -135,7 +135,7 @@ class AcquisitionConfig(_Section):
 
 
 class BudgetConfig(_Section):
-    """What the project lead plans to spend, and when to suggest stopping."""
+    """Planned label budget, target accuracy and the threshold of the stopping hint."""
 
     planned_labels: Annotated[int, Field(ge=1)] | None = None
     target_accuracy: Annotated[float, Field(gt=0, lt=1)] | None = None

@@ -69,6 +69,9 @@ DENSE_MAX_PARAMETERS = 4096
 #: Search range of the evidence-tuned prior precision ``τ`` (whitened coordinates).
 PRIOR_SCALE_BOUNDS = (1e-3, 1e3)
 
+#: L-BFGS tolerance of the candidate fits during the evidence search.
+SEARCH_GRADIENT_TOLERANCE = 1e-5
+
 
 class HeadCovariance(enum.StrEnum):
     """Form of the head's Laplace posterior covariance."""
@@ -454,7 +457,7 @@ def fit_head(
     prior_logits = inputs @ prior_mean.T + logit_offsets  # zero-shot logits, (n, C)
 
     # 3. MAP in whitened coordinates, z = z₀ + x̃ Uᵀ L_Rᵀ, and the Laplace posterior at it.
-    def fit(tau: float, start: Tensor | None) -> _HeadFit:
+    def fit(tau: float, start: Tensor | None, *, tolerance: float = gradient_tolerance) -> _HeadFit:
         whitened_weight = _fit_map(
             whitened_inputs,
             labels,
@@ -463,7 +466,7 @@ def fit_head(
             prior_scale=tau,
             initial=start,
             max_iterations=max_iterations,
-            gradient_tolerance=gradient_tolerance,
+            gradient_tolerance=tolerance,
         )
         logits = prior_logits + whitened_inputs @ whitened_weight.T @ row_factor.T
         probabilities = torch.softmax(logits, dim=-1)
@@ -485,7 +488,13 @@ def fit_head(
         return _HeadFit(tau, whitened_weight, state, evidence)
 
     if tune_prior and labels.numel():
-        result = _maximise_evidence(fit)
+        # The search compares candidates fitted to a looser tolerance, which moves the
+        # evidence far less than the differences between candidates; the chosen τ is refit.
+        def search_fit(tau: float, start: Tensor | None) -> _HeadFit:
+            return fit(tau, start, tolerance=max(gradient_tolerance, SEARCH_GRADIENT_TOLERANCE))
+
+        chosen = _maximise_evidence(search_fit)
+        result = fit(chosen.prior_scale, chosen.whitened_weight)
     else:
         result = fit(1.0 if tune_prior else float(prior_scale), None)
     weight = prior_mean + row_factor @ result.whitened_weight @ whitener
@@ -674,7 +683,7 @@ def _maximise_evidence(fit: Callable[[float, Tensor | None], _HeadFit]) -> _Head
 
     # Golden-section search on the bracket around the best grid point.
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
-    for _ in range(8):
+    for _ in range(6):
         inner_left = right - ratio * (right - left)
         inner_right = left + ratio * (right - left)
         for log_tau in (inner_left, inner_right):

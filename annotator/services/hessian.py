@@ -12,9 +12,9 @@ the result is written in the BayesVLM directory format.
 
 The effective number of data points ``n`` scales the curvature against the prior. It
 defaults to the number of samples the factors were estimated from, the textbook Laplace
-choice since ``A`` and ``B`` are means of per-sample terms. (The factors the BayesVLM
-authors publish use ``n = 1`` with a larger ``λ``.) On the demo, this ``n`` gave a better
-calibrated zero-shot predictive than ``n = 1`` (docs/benchmarks.md), and the head's own
+choice since ``A`` and ``B`` are means of per-sample terms. The factors that the BayesVLM
+authors publish use ``n = 1`` with a larger ``λ``. On the demo, the sample count gave a
+better calibrated zero-shot predictive than ``n = 1`` (docs/benchmarks.md). The head's own
 prior scale is tuned by the evidence of the labels after each batch.
 """
 

@@ -38,7 +38,7 @@ ESTIMATED_FACTORS_DIRNAME = "factors"
 
 @dataclass(frozen=True)
 class ModelSnapshot:
-    """What ranking needs from the vision–language model, saved once at ingestion.
+    """Parts of the vision–language model that ranking needs, saved once at ingestion.
 
     Attributes
     ----------
@@ -129,7 +129,7 @@ def open_feature_cache(project: Project) -> FeatureCache:
 
 
 def factors_directory(project: Project) -> Path:
-    """Return the folder that holds the project's posterior factors, per its config."""
+    """Return the folder that contains the project's posterior factors, per its config."""
     source = project.config.posterior.factors
     if source == "estimate":
         return project.model_cache_dir / ESTIMATED_FACTORS_DIRNAME

@@ -1,7 +1,7 @@
 """Ground-truth labels from the project's oracle file, for simulation and the demo.
 
 The oracle is a CSV of ``path,label``. It is read only here: ranking and refitting never
-see it, and labels it writes carry the source ``oracle`` so they are told apart from a
+see it, and labels it writes carry the source ``oracle`` so they are distinguished from a
 person's in every table and export.
 """
 

@@ -99,9 +99,9 @@ def create_project(
 ) -> Project:
     """Create a project folder with its config and store, or open it when it already matches.
 
-    With ``exist_ok`` an existing project of the same name is opened and its config is
-    replaced by ``config`` only when nothing but tunable settings changed; a different
-    model or class list would invalidate cached features and labels, so it raises.
+    With ``exist_ok`` an existing project of the same name is opened, and its config is
+    replaced by ``config`` when only tunable settings changed. A different model or class
+    list would invalidate cached features and labels, so it raises instead.
     ``url`` overrides the store URL that :func:`database_url` would choose.
     """
     directory = directory.resolve()

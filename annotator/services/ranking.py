@@ -213,7 +213,7 @@ def rank_pool(
 
 
 def _sampling_for(posterior: LogitPosterior, setting: str) -> LogitSampling:
-    """The configured logit sampling, with embedding draws replaced by weight draws for a
+    """Return the configured logit sampling, with embedding draws replaced by weight draws for a
     posterior that has no embedding sampler (the refit head)."""
     sampling = LogitSampling(setting)
     if sampling is LogitSampling.EMBEDDING and not hasattr(posterior, "sampled_embedding_logits"):

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RoundResult:
-    """What a round produced."""
+    """Outcome of one round."""
 
     index: int
     labels_spent: int
@@ -195,7 +195,7 @@ def run_round(project: Project, *, note: str | None = None) -> RoundResult:
 
 
 def _head_summary(posterior: LogitPosterior) -> dict[str, Any]:
-    """The refit head's prior scale and evidence, stored with the round's metrics."""
+    """Return the refit head's prior scale and evidence, to store with the round's metrics."""
     if not isinstance(posterior, HeadPosterior):
         return {}
     return {
