@@ -125,9 +125,12 @@ class AcquisitionConfig(_Section):
     """Exponent of stochastic power acquisition: probability of a pick ∝ score^beta."""
     num_samples: Annotated[int, Field(ge=2)] = 64
     """Monte Carlo samples for BALD and EPIG."""
-    sampling: Literal["independent", "embedding", "weights"] = "independent"
-    """Method that BALD uses to draw logits: each class from its marginal, from image-embedding draws
-    (zero-shot only), or from whole weight draws, which keep the correlation between classes."""
+    sampling: Literal["auto", "independent", "embedding", "weights"] = "auto"
+    """Method that BALD uses to draw logits: each class from its marginal (``independent``),
+    from image-embedding draws (``embedding``, zero-shot only) or from whole weight draws
+    (``weights``), which keep the correlation between classes. ``auto`` keeps the correlation
+    up to 64 classes (embedding draws at zero-shot, weight draws for the refit head) and
+    samples independently above, where correlated draws cost too much per image."""
     epig_targets: Annotated[int, Field(ge=1)] = 256
     """Pool images sampled as EPIG's target set."""
     batch_timeout_minutes: Annotated[float, Field(gt=0)] = 120

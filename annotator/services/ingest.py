@@ -8,8 +8,9 @@ with its reason instead of stopping the run.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pandas as pd
 
 from annotator.data.datasets import read_labelled_dataset
 from annotator.data.features import FeatureCache
-from annotator.data.images import ImageRecord, discover_images, inspect_image
+from annotator.data.images import ImageRecord, discover_images, inspect_images
 from annotator.errors import InputError
 from annotator.models.encode import encode_images
 from annotator.models.loading import load_model
@@ -53,9 +54,6 @@ class IngestReport:
     seconds: float = 0.0
 
 
-ModelLoader = Callable[[], VisionLanguageModel]
-
-
 def ingest(
     project: Project,
     *,
@@ -87,7 +85,7 @@ def ingest(
     report.discovered = len(paths)
     known = set(project.store.images_frame(project.project_id)["path"].tolist())
     new_paths = [p for p in paths if str(p) not in known]
-    records = [inspect_image(p) for p in new_paths]
+    records = _inspect(new_paths, progress)
     report.new = len(records)
     if records:
         project.store.add_images(project.project_id, records, split="pool")
@@ -174,6 +172,15 @@ def ingest(
         report.seconds,
     )
     return report
+
+
+def _inspect(paths: list[Path], progress: bool) -> list[ImageRecord]:
+    """Decode and hash new files on a few threads, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with tqdm(total=len(paths), desc="checking images", unit="img", disable=not progress) as bar:
+        return inspect_images(paths, workers=workers, progress=lambda done, total: bar.update(1))
 
 
 def load_project_model(project: Project) -> VisionLanguageModel:
@@ -274,7 +281,7 @@ def _import_evaluation_labels(project: Project) -> int:
     new_paths = [p for p in dataset.paths if str(p) not in known.index]
     if new_paths:
         project.store.add_images(
-            project.project_id, [inspect_image(p) for p in new_paths], split="evaluation"
+            project.project_id, _inspect(new_paths, progress=False), split="evaluation"
         )
     images = project.store.images_frame(project.project_id).set_index("path")
     already = set(

@@ -32,6 +32,9 @@ CHUNK_ROWS = 32_768
 
 BALD_STRATEGIES = {Strategy.BALD, Strategy.POWER_BALD}
 
+CORRELATED_SAMPLING_MAX_CLASSES = 64
+"""Above this many classes, ``sampling: auto`` draws each logit independently."""
+
 
 @dataclass(frozen=True)
 class Ranking:
@@ -213,10 +216,15 @@ def rank_pool(
 
 
 def _sampling_for(posterior: LogitPosterior, setting: str) -> LogitSampling:
-    """Return the configured logit sampling, with embedding draws replaced by weight draws for a
-    posterior that has no embedding sampler (the refit head)."""
+    """Return the logit sampling for ``setting``, resolving ``auto`` by the posterior's kind
+    and class count, and replacing embedding draws by weight draws for the refit head."""
+    has_embeddings = hasattr(posterior, "sampled_embedding_logits")
+    if setting == "auto":
+        if posterior.num_classes > CORRELATED_SAMPLING_MAX_CLASSES:
+            return LogitSampling.INDEPENDENT
+        return LogitSampling.EMBEDDING if has_embeddings else LogitSampling.WEIGHTS
     sampling = LogitSampling(setting)
-    if sampling is LogitSampling.EMBEDDING and not hasattr(posterior, "sampled_embedding_logits"):
+    if sampling is LogitSampling.EMBEDDING and not has_embeddings:
         return LogitSampling.WEIGHTS
     return sampling
 
