@@ -549,5 +549,20 @@ def bench_encode(
         frame.to_csv(out, index=False)
 
 
+@bench_app.command("study")
+@user_errors
+def bench_study(
+    results: Annotated[Path, typer.Argument(help="CSV written by `annotator simulate`.")],
+) -> None:
+    """Summarise a simulation: ECE, labels needed against random, held-out AUROC (Markdown)."""
+    import pandas as pd
+
+    from annotator.bench.study import summarize, to_markdown
+
+    if not results.is_file():
+        raise ConfigError(f"simulation results {results} not found; run `annotator simulate` first")
+    typer.echo(to_markdown(summarize(pd.read_csv(results))))
+
+
 if __name__ == "__main__":
     app()
