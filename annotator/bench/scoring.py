@@ -7,8 +7,9 @@ with realistic factors (see :func:`realistic_projection`) and measures, in the s
    logit moments and ``method_samples`` independent logit samples per image and class;
 2. the floor: the product ``Φ C_A⁻ᵀ`` (that is ``Φ A'⁻¹`` up to a triangular factor), which
    every scoring of the pool needs, chunk by chunk;
-3. the logit sampling alone: drawing ``method_samples`` logits per image and class, the
-   softmax and the two entropies of BALD, on the same chunks;
+3. the logit sampling alone: drawing ``method_samples`` logits per image for each class the
+   method samples (every class, or with more than ``DEFAULT_SAMPLED_CLASSES + 1`` classes the
+   most plausible ones plus one merged class), the softmax and the two entropies of BALD;
 4. weight-space Monte Carlo: BALD from ``num_samples`` whole weight draws of the image
    projection, on the first ``mc_subset`` images of the pool, with its time per image.
    Drawing the weights is a one-off cost per ranking and is timed apart (``mc_draws_s``).
@@ -44,7 +45,7 @@ import torch
 from scipy import stats
 from torch import Tensor
 
-from annotator.bayes.acquisition import score_pool
+from annotator.bayes.acquisition import DEFAULT_SAMPLED_CLASSES, score_pool
 from annotator.bayes.factors import KroneckerFactors, load_factors
 from annotator.bayes.interface import WeightDraws
 from annotator.bayes.moments import cosine_moments
@@ -438,6 +439,8 @@ def _sampling_only(
     generator: torch.Generator,
 ) -> None:
     """Draw the logits BALD needs from fixed moments and compute BALD, in the same groups."""
+    if num_classes > DEFAULT_SAMPLED_CLASSES + 1:
+        num_classes = DEFAULT_SAMPLED_CLASSES + 1
     group = max(1, ELEMENT_BUDGET // (num_samples * num_classes))
     mean = torch.zeros(group, num_classes, device=device)
     variance = torch.ones(group, num_classes, device=device)

@@ -511,20 +511,48 @@ def hessian_estimate(
 def bench_scoring(
     pool_size: Annotated[list[int] | None, typer.Option(help="Pool sizes; repeat.")] = None,
     classes: Annotated[list[int] | None, typer.Option(help="Class counts; repeat.")] = None,
+    method_samples: Annotated[
+        int | None, typer.Option(help="Logit samples per image of the method (default 100).")
+    ] = None,
+    factors: Annotated[
+        Path | None,
+        typer.Option(help="Published ViT-B-32 factor folder; default: random factors like them."),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu or cuda; default: CUDA when present.")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Also write the table as CSV.")] = None,
 ) -> None:
     """Time the method's scoring against the matrix-product floor and weight-space Monte Carlo."""
-    from annotator.bench.scoring import run_scoring_benchmark
+    from annotator.bench.scoring import format_markdown, run_scoring_benchmark
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"method_samples": method_samples, "device": device}
     if pool_size:
         kwargs["pool_sizes"] = tuple(pool_size)
     if classes:
         kwargs["class_counts"] = tuple(classes)
+    if factors is not None:
+        kwargs["factors_directory"] = factors
     frame = run_scoring_benchmark(**kwargs)
-    typer.echo(frame.to_string(index=False))
+    typer.echo(format_markdown(frame))
     if out is not None:
         frame.to_csv(out, index=False)
+
+
+@bench_app.command("cosine")
+@user_errors
+def bench_cosine(
+    factors: Annotated[
+        Path | None,
+        typer.Option(help="Published ViT-B-32 factor folder; default: random factors like them."),
+    ] = None,
+    draws: Annotated[int, typer.Option(help="Monte Carlo draws of the projections.")] = 2_000,
+) -> None:
+    """Measure the cosine-moment approximation against Monte Carlo at D = 512."""
+    from annotator.bench.scoring import format_markdown, measure_cosine_approximation
+
+    frame = measure_cosine_approximation(num_draws=draws, factors_directory=factors)
+    typer.echo(format_markdown(frame))
 
 
 @bench_app.command("encode")
