@@ -118,7 +118,9 @@ class EvaluationConfig(_Section):
 class AcquisitionConfig(_Section):
     """Settings of the acquisition of the next batch."""
 
-    strategy: StrategyName = "power-bald"
+    # BALD with correlated samples needed the fewest labels of the BayesVLM strategies on the
+    # demo (docs/benchmarks.md); power-BALD did no better than random there.
+    strategy: StrategyName = "bald"
     batch_size: Annotated[int, Field(ge=1)] = 20
     """Images per annotator batch, evaluation tasks included."""
     beta: Annotated[float, Field(gt=0)] = 1.0

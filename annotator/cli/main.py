@@ -114,7 +114,7 @@ def init(
         float,
         typer.Option(help="Evaluation split: a count (>= 1) or a fraction of the pool (< 1)."),
     ] = 0.1,
-    strategy: Annotated[str, typer.Option(help="Acquisition strategy.")] = "power-bald",
+    strategy: Annotated[str, typer.Option(help="Acquisition strategy.")] = "bald",
     batch_size: Annotated[int, typer.Option(help="Images per annotator batch.")] = 20,
     config_file: Annotated[
         Path | None,

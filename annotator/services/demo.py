@@ -82,7 +82,7 @@ def demo_config(seed: int = 0) -> ProjectConfig:
         model=ModelConfig(spec="demo"),
         posterior=PosteriorConfig(factors="demo"),
         evaluation=EvaluationConfig(size=300, per_batch=0),
-        acquisition=AcquisitionConfig(strategy="power-bald", batch_size=20),
+        acquisition=AcquisitionConfig(strategy="bald", batch_size=20),
         budget=BudgetConfig(planned_labels=600, target_accuracy=0.9),
         seed=seed,
     )
