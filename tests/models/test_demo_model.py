@@ -292,7 +292,7 @@ def test_trained_model_files(trained: DemoTrainingResult) -> None:
     model_dir = trained.model_dir
     record = json.loads((model_dir / TRAINING_FILENAME).read_text(encoding="utf-8"))
 
-    # The KFAC factors land in ``hessians/`` once a project asks for them.
+    # ensure_demo_model writes the KFAC factors into hessians/ the first time a project needs them.
     names = {path.name for path in model_dir.iterdir()}
     assert names - {"hessians"} == {WEIGHTS_FILENAME, CONFIG_FILENAME, TRAINING_FILENAME}
     assert (
