@@ -1309,7 +1309,9 @@ class Store:
         with self._session(f"update the metrics of round {round_id}", write=True) as session:
             row = session.get(Round, round_id, with_for_update=True)
             if row is None:
-                raise StoreError(f"round id {round_id} does not exist; use the ids from rounds_frame")
+                raise StoreError(
+                    f"round id {round_id} does not exist; use the ids from rounds_frame"
+                )
             row.metrics = metrics_data
             session.flush()
             return _round_info(row)

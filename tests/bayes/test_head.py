@@ -363,7 +363,11 @@ def test_evidence_prior_scale_is_a_maximum(covariance):
 
     for factor in (0.5, 0.8, 1.25, 2.0):
         other = fit_head(
-            zero_shot, features, labels, covariance=covariance, prior_scale=best.prior_scale * factor
+            zero_shot,
+            features,
+            labels,
+            covariance=covariance,
+            prior_scale=best.prior_scale * factor,
         )
         assert other.log_evidence <= best.log_evidence + 1e-6
 
