@@ -182,10 +182,13 @@ class ProjectConfig(_Section):
     def _check_classes(self) -> ProjectConfig:
         if len(self.classes) < 2:
             raise ValueError(f"at least two classes are required, got {len(self.classes)}")
-        names = [c.name for c in self.classes]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        # Names that differ only in case would read as one class to annotators.
+        folded = [c.name.casefold() for c in self.classes]
+        duplicates = sorted({c.name for c in self.classes if folded.count(c.name.casefold()) > 1})
         if duplicates:
-            raise ValueError(f"class names must be unique; repeated: {', '.join(duplicates)}")
+            raise ValueError(
+                "class names must be unique, ignoring case; repeated: " + ", ".join(duplicates)
+            )
         return self
 
     @property
@@ -213,11 +216,21 @@ def parse_config(data: Any, *, source: str = "config") -> ProjectConfig:
     try:
         return ProjectConfig.model_validate(data)
     except ValidationError as error:
-        problems = []
-        for item in error.errors():
-            location = ".".join(str(part) for part in item["loc"]) or "(top level)"
-            problems.append(f"  {location}: {item['msg']} (got {item.get('input')!r})")
-        raise ConfigError(f"{source} is invalid:\n" + "\n".join(problems)) from error
+        raise config_error(error, source) from error
+
+
+def config_error(error: ValidationError, source: str) -> ConfigError:
+    """Convert a pydantic validation error into a ConfigError with one line per invalid field."""
+    problems = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        if item["loc"]:
+            location = ".".join(str(part) for part in item["loc"])
+            problems.append(f"  {location}: {message} (got {item.get('input')!r})")
+        else:
+            # A whole-config check: its message names the values, and the input is everything.
+            problems.append(f"  {message}")
+    return ConfigError(f"invalid {source}:\n" + "\n".join(problems))
 
 
 def load_config(path: Path) -> ProjectConfig:

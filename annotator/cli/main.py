@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 
 from annotator.config import (
     AcquisitionConfig,
@@ -27,6 +28,7 @@ from annotator.config import (
     PosteriorConfig,
     ProjectConfig,
     StrategyName,
+    config_error,
     load_config,
 )
 from annotator.errors import AnnotatorError, ConfigError
@@ -136,16 +138,24 @@ def init(
             raise ConfigError(
                 "no classes given; pass --class NAME for each class or --classes-file FILE"
             )
-        config = ProjectConfig(
-            name=project_dir.resolve().name,
-            images=str(images.resolve()),
-            database=database,
-            classes=tuple(ClassConfig(name=n) for n in names),
-            model=ModelConfig(spec=model, arch=arch),
-            posterior=PosteriorConfig(factors=factors),
-            evaluation=EvaluationConfig(size=evaluation_size),
-            acquisition=AcquisitionConfig(strategy=_strategy(strategy), batch_size=batch_size),
-        )
+        if not images.is_dir():
+            raise ConfigError(
+                f"image folder {images} not found or not a folder; pass --images with the "
+                "folder that contains the images to label"
+            )
+        try:
+            config = ProjectConfig(
+                name=project_dir.resolve().name,
+                images=str(images.resolve()),
+                database=database,
+                classes=tuple(ClassConfig(name=n) for n in names),
+                model=ModelConfig(spec=model, arch=arch),
+                posterior=PosteriorConfig(factors=factors),
+                evaluation=EvaluationConfig(size=evaluation_size),
+                acquisition=AcquisitionConfig(strategy=_strategy(strategy), batch_size=batch_size),
+            )
+        except ValidationError as error:
+            raise config_error(error, "options of annotator init") from error
     project = create_project(project_dir, config)
     typer.echo(f"created project {config.name!r} in {project.directory}")
     typer.echo(f"next: annotator ingest {project_dir}")
@@ -405,6 +415,12 @@ def _run_streamlit(project_dir: Path, host: str, port: int) -> None:
     ]
     env = {**os.environ, "ANNOTATOR_PROJECT": str(project_dir)}
     typer.echo(f"serving {project_dir} on http://{host}:{port} (Ctrl+C stops)")
+    if os.name == "posix":
+        # Become the Streamlit process, so that a SIGTERM or Ctrl+C sent to this process
+        # reaches the server and no orphan keeps holding the port.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, command, env)
     try:
         completed = subprocess.run(command, env=env, check=False)
     except KeyboardInterrupt:

@@ -69,7 +69,7 @@ def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> 
 
 
 @pytest.fixture
-def served(app_project: Project) -> Iterator[str]:
+def served(app_project: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Two labelled rounds on the project, served by ``annotator serve`` on a free port."""
     _require_chromium()
     for annotator in ("alice", "bob"):
@@ -82,7 +82,9 @@ def served(app_project: Project) -> Iterator[str]:
         sys.executable, "-m", "annotator.cli.main", "serve", str(app_project.directory),
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # A file, not a pipe: nobody reads a pipe here, and a full one would block the server.
+    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process)
@@ -93,6 +95,8 @@ def served(app_project: Project) -> Iterator[str]:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
+        log.close()
 
 
 def test_progress_and_label_pages(served: str) -> None:

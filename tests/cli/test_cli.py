@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import open_clip
@@ -114,6 +120,41 @@ def test_init_without_classes(tmp_path: Path, image_folder: Path) -> None:
     assert "no classes given" in result.output
 
 
+@pytest.mark.parametrize(
+    ("classes", "expected"),
+    [
+        (["a"], "at least two classes are required, got 1"),
+        (["cat", "Cat"], "class names must be unique, ignoring case; repeated: Cat, cat"),
+        (["", "b"], "String should have at least 1 character"),
+    ],
+)
+def test_init_invalid_classes(
+    tmp_path: Path, image_folder: Path, classes: list[str], expected: str
+) -> None:
+    args = ["init", str(tmp_path / "p"), "--images", str(image_folder)]
+    for name in classes:
+        args += ["--class", name]
+
+    result = _invoke(*args)
+
+    assert result.exit_code == 2
+    assert "invalid options of annotator init" in result.output
+    assert expected in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "p").exists()
+
+
+def test_init_missing_images(tmp_path: Path) -> None:
+    result = _invoke(
+        "init", str(tmp_path / "p"), "--images", str(tmp_path / "nowhere"),
+        "--class", "a", "--class", "b",
+    )  # fmt: skip
+
+    assert result.exit_code == 2
+    assert f"image folder {tmp_path / 'nowhere'} not found" in result.output
+    assert not (tmp_path / "p").exists()
+
+
 def test_unknown_strategy(tmp_path: Path, image_folder: Path) -> None:
     result = _invoke(
         "init", str(tmp_path / "p"), "--images", str(image_folder),
@@ -174,3 +215,38 @@ def test_simulate_demo(demo_build: DemoBuild, tmp_path: Path) -> None:
     assert frame["accuracy"].notna().all()
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     assert "<html" in out.with_suffix(".html").read_text().lower()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals are POSIX")
+def test_serve_stops_on_sigterm(demo_build: DemoBuild, tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    command = [
+        sys.executable, "-m", "annotator.cli.main", "serve", str(demo_build.project.directory),
+        "--port", str(port),
+    ]  # fmt: skip
+    with (tmp_path / "serve.log").open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}/_stcore/health"
+            deadline = time.monotonic() + 120
+            healthy = False
+            while not healthy and time.monotonic() < deadline and process.poll() is None:
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as response:
+                        healthy = response.read().decode().strip() == "ok"
+                except OSError:
+                    time.sleep(0.5)
+            assert healthy, (tmp_path / "serve.log").read_text()
+
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=20)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    # The server is gone with the process: nothing accepts connections on the port any more.
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0

@@ -89,7 +89,11 @@ def main() -> None:
     _headline(progress)
 
     st.write(progress.stop_hint.message)
-    if progress.forecast is not None:
+    # Without a fitted curve the stopping hint already repeats the forecast's reason.
+    if (
+        progress.forecast is not None
+        and progress.forecast.message not in progress.stop_hint.message
+    ):
         st.caption(progress.forecast.message)
 
     target = project.config.budget.target_accuracy
