@@ -199,7 +199,8 @@ def upgrade(url_or_engine: str | URL | Engine) -> str:
     url = display_url(engine.url)
     try:
         with engine.connect() as connection:
-            _check_known_revision(current_revision(connection), url)
+            before = current_revision(connection)
+            _check_known_revision(before, url)
         with engine.begin() as connection:
             config = alembic_config()
             config.attributes["connection"] = connection
@@ -210,7 +211,10 @@ def upgrade(url_or_engine: str | URL | Engine) -> str:
     finally:
         if owns_engine:
             engine.dispose()
-    logger.info("database %s is at schema revision %s", url, revision)
+    if revision != before:
+        logger.info("database %s upgraded from schema revision %s to %s", url, before, revision)
+    else:
+        logger.debug("database %s is at schema revision %s", url, revision)
     return revision or ""
 
 

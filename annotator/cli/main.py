@@ -36,6 +36,8 @@ from annotator.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 
+STRATEGY_CHOICES = ", ".join(StrategyName.__args__)  # type: ignore[attr-defined]
+
 app = typer.Typer(
     help="Label images with as few labels as possible: BayesVLM uncertainty ranks what to label next.",
     no_args_is_help=True,
@@ -116,7 +118,9 @@ def init(
         float,
         typer.Option(help="Evaluation split: a count (>= 1) or a fraction of the pool (< 1)."),
     ] = 0.1,
-    strategy: Annotated[str, typer.Option(help="Acquisition strategy.")] = "bald",
+    strategy: Annotated[
+        str, typer.Option(help=f"Acquisition strategy: {STRATEGY_CHOICES}.")
+    ] = "bald",
     batch_size: Annotated[int, typer.Option(help="Images per annotator batch.")] = 20,
     config_file: Annotated[
         Path | None,
@@ -204,7 +208,10 @@ def rank(
     project_dir: ProjectDir,
     top: Annotated[int, typer.Option(help="How many images to list.")] = 20,
     strategy: Annotated[
-        str | None, typer.Option(help="Re-rank the current round with this strategy first.")
+        str | None,
+        typer.Option(
+            help=f"Re-rank the current round with this strategy first: {STRATEGY_CHOICES}."
+        ),
     ] = None,
 ) -> None:
     """List the most informative unlabelled images of the latest ranking."""

@@ -104,7 +104,7 @@ def accuracy_chart(
     columns += ["round"] if "round" in frame.columns else []
 
     base = alt.Chart(_inline_data(frame[columns]))
-    x = alt.X("labels_spent:Q", title="labels spent")
+    x = alt.X("labels_spent:Q", title="labels spent", axis=alt.Axis(format="d", tickMinStep=1))
     color = alt.Color("predictive:N", title="predictive")
     band = base.mark_area(opacity=0.2).encode(
         x=x,

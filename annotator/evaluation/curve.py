@@ -270,8 +270,9 @@ class LearningCurve:
             self.status_ = CurveStatus.TOO_FEW_ROUNDS
             self.rounds_needed_ = needed - distinct.size
             plural = "es" if self.rounds_needed_ > 1 else ""
+            rounds = "round" if distinct.size == 1 else "rounds"
             self.message_ = (
-                f"{distinct.size} rounds with distinct label counts so far, but the "
+                f"{distinct.size} {rounds} with distinct label counts so far, but the "
                 f"{self.n_parameters}-parameter learning curve needs {needed}; label "
                 f"{self.rounds_needed_} more batch{plural} for a forecast"
             )

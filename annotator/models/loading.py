@@ -213,9 +213,14 @@ def _unavailable(spec: ModelSpec, files: _HubFiles, cache: Path, reason: str) ->
         f"it with `--model PATH --arch {spec.arch or 'ARCH'}`; or (2) on a machine with network "
         f"access, run `hf download {files.repo_id}` (huggingface_hub's command) with HF_HOME set "
         f"to an empty folder, copy that folder here and set HF_HOME to it (or HF_HUB_CACHE to "
-        f"its hub/ subfolder), so the files are found in {folder}. With network access, unset "
-        f"HF_HUB_OFFLINE to download automatically."
+        f"its hub/ subfolder), so the files are found in {folder}.{_download_hint()}"
     )
+
+
+def _download_hint() -> str:
+    if hub_offline():
+        return " With network access, unset HF_HUB_OFFLINE to download automatically."
+    return ""
 
 
 def _request_hub_metadata(repo_id: str, filename: str, endpoint: str) -> None:
@@ -272,7 +277,13 @@ def _resolve_hub_file(
     if hub_offline():
         raise _unavailable(spec, files, cache, "Hugging Face offline mode is on (HF_HUB_OFFLINE=1)")
     if not download:
-        raise _unavailable(spec, files, cache, "downloads were not allowed for this call")
+        raise _unavailable(
+            spec,
+            files,
+            cache,
+            "this check reads only local files (ingest and simulate download missing weights "
+            "when the Hugging Face hub is reachable)",
+        )
     return _download(spec, files, names, cache)
 
 

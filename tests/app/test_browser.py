@@ -82,7 +82,7 @@ def served(app_project: Project, tmp_path_factory: pytest.TempPathFactory) -> It
         sys.executable, "-m", "annotator.cli.main", "serve", str(app_project.directory),
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    # A file, not a pipe: nobody reads a pipe here, and a full one would block the server.
+    # Output goes to a file: the test never reads a pipe, and a full pipe would block the server.
     log = (tmp_path_factory.mktemp("serve") / "serve.log").open("wb")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -114,10 +114,15 @@ def main() -> None:
         return
 
     acquisition = sum(task.purpose == "acquisition" for task in batch.tasks)
+    evaluation = len(batch.tasks) - acquisition
+    if evaluation:
+        mixed = f" and {evaluation} random images for the evaluation split (marked as such)"
+    else:
+        mixed = " (no evaluation images are due in this batch)"
     st.caption(
         f"Batch {batch.batch_id} for {batch.annotator}: {acquisition} images chosen by "
-        f"uncertainty after round {batch.round_index}, {len(batch.tasks) - acquisition} evaluation "
-        "images. Pick the class of each image, then submit."
+        f"uncertainty after round {batch.round_index}{mixed}. Pick the class of each image, "
+        "then submit."
     )
     if _draw_batch(batch, project.config.class_names):
         _submit(project, batch)
