@@ -298,6 +298,13 @@ def export(
         overwrite=overwrite,
     )
     typer.echo(f"wrote {result.rows} labelled images to {result.path}")
+    if result.rows == 0:
+        typer.secho(
+            "warning: no labelled images to export, so the output has no rows; label a batch "
+            "in the web app first",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
 
 
 # --- simulation ---------------------------------------------------------------------------
@@ -365,7 +372,8 @@ def simulate(
         held_out_class=held_out_class,
     )
     columns = ["accuracy", "ood_auroc"] if held_out_class else ["accuracy"]
-    summary = frame.groupby(["strategy", "labels_spent"])[columns].agg(["mean", "std"])
+    # The standard error across seeds, as the band of the plot.
+    summary = frame.groupby(["strategy", "labels_spent"])[columns].agg(["mean", "sem"])
     typer.echo(summary.to_string())
     typer.echo(f"wrote {out} and {', '.join(map(str, plots))}")
 

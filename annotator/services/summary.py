@@ -40,7 +40,7 @@ class ProjectSummary:
         return [
             ("project", self.name),
             ("model", self.model),
-            ("posterior factors", self.factor_source),
+            ("posterior factors", describe_factor_source(self.factor_source)),
             ("images found", self.images),
             ("usable / skipped", f"{self.usable} / {self.skipped}"),
             ("pool / evaluation split", f"{self.pool} / {self.evaluation}"),
@@ -51,6 +51,19 @@ class ProjectSummary:
             ("acquisition strategy", self.strategy),
             ("latest accuracy", accuracy),
         ]
+
+
+def describe_factor_source(source: str) -> str:
+    """Turn the stored factor source (``loaded:DIR``, ``estimated:pool:DIR``) into a phrase."""
+    kind, _, rest = source.partition(":")
+    if kind == "loaded" and rest:
+        return f"loaded from {rest}"
+    if kind == "estimated" and rest:
+        origin, _, directory = rest.partition(":")
+        return f"estimated from the {origin}, saved in {directory}" if directory else source
+    if source == "pending":
+        return "pending (set at the first ingest)"
+    return source
 
 
 def project_summary(project: Project) -> ProjectSummary:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import streamlit as st
 
 from annotator.app.context import current_project, sidebar
-from annotator.services.summary import project_summary, skipped_images, top_of_ranking
+from annotator.services.summary import (
+    describe_factor_source,
+    project_summary,
+    skipped_images,
+    top_of_ranking,
+)
 
 
 def main() -> None:
@@ -19,7 +24,9 @@ def main() -> None:
     columns[1].metric("Skipped files", info.skipped)
     columns[2].metric("Evaluation split", info.evaluation)
     columns[3].metric("Labelled", info.labelled_pool + info.labelled_evaluation)
-    st.caption(f"Model `{info.model}` · posterior factors: {info.factor_source}")
+    st.caption(
+        f"Model `{info.model}` · posterior factors {describe_factor_source(info.factor_source)}"
+    )
 
     st.subheader("Skipped files")
     skipped = skipped_images(project)
