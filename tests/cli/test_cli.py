@@ -76,7 +76,7 @@ def test_project_lifecycle(tmp_path: Path, image_folder: Path, checkpoint: Path)
     status = _invoke("status", str(project))
     assert status.exit_code == 0, status.output
     assert "pool / evaluation split      18 / 6" in status.output
-    assert "estimated:pool" in status.output
+    assert "estimated from the pool, saved in" in status.output
 
     ranked = _invoke("rank", str(project), "--top", "5")
     assert ranked.exit_code == 0, ranked.output
