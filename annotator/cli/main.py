@@ -427,6 +427,9 @@ def _run_streamlit(project_dir: Path, host: str, port: int) -> None:
         "false",
         "--global.developmentMode",
         "false",
+        # Annotators need no deploy, rerun or clear-cache buttons.
+        "--client.toolbarMode",
+        "viewer",
     ]
     env = {**os.environ, "ANNOTATOR_PROJECT": str(project_dir)}
     typer.echo(f"serving {project_dir} on http://{host}:{port} (Ctrl+C stops)")
