@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from annotator.errors import ConfigError
+from annotator.files import write_atomic
 
 CONFIG_FILENAME = "annotator.yaml"
 
@@ -249,6 +250,5 @@ def load_config(path: Path) -> ProjectConfig:
 
 def write_config(config: ProjectConfig, path: Path) -> None:
     """Write a config file atomically, so an interrupted write never leaves half a file."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(config.to_yaml(), encoding="utf-8")
-    os.replace(temporary, path)
+    text = config.to_yaml()
+    write_atomic(path, lambda file: file.write(text.encode("utf-8")))

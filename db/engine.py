@@ -199,8 +199,8 @@ def upgrade(url_or_engine: str | URL | Engine) -> str:
     url = display_url(engine.url)
     try:
         with engine.connect() as connection:
-            before = current_revision(connection)
-            _check_known_revision(before, url)
+            previous_revision = current_revision(connection)
+            _check_known_revision(previous_revision, url)
         with engine.begin() as connection:
             config = alembic_config()
             config.attributes["connection"] = connection
@@ -211,8 +211,10 @@ def upgrade(url_or_engine: str | URL | Engine) -> str:
     finally:
         if owns_engine:
             engine.dispose()
-    if revision != before:
-        logger.info("database %s upgraded from schema revision %s to %s", url, before, revision)
+    if revision != previous_revision:
+        logger.info(
+            "database %s upgraded from schema revision %s to %s", url, previous_revision, revision
+        )
     else:
         logger.debug("database %s is at schema revision %s", url, revision)
     return revision or ""

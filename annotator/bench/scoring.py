@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -53,6 +54,7 @@ from annotator.bayes.moments import cosine_moments
 from annotator.bayes.posterior import DEFAULT_CHUNK_SIZE, ELEMENT_BUDGET, ProjectionPosterior
 from annotator.bayes.predictive import bald_from_logits, sample_logits
 from annotator.bayes.zeroshot import ZeroShotPosterior
+from annotator.bench.tables import markdown_table
 from annotator.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -568,15 +570,8 @@ def _describe_device(device: torch.device) -> str:
 
 def format_markdown(table: pd.DataFrame) -> str:
     """Render a result table as Markdown, floats with three significant digits."""
-    header = "| " + " | ".join(table.columns) + " |"
-    rule = "| " + " | ".join("---" for _ in table.columns) + " |"
-    lines = [header, rule]
-    for row in table.itertuples(index=False):
-        cells = []
-        for value in row:
-            if isinstance(value, float | np.floating):
-                cells.append(f"{value:.3g}")
-            else:
-                cells.append(str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(table, _format_result_cell)
+
+
+def _format_result_cell(_: str, value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float | np.floating) else str(value)

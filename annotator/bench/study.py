@@ -10,9 +10,12 @@ Reads the CSV files that ``annotator simulate`` writes and reports, per strategy
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
+from annotator.bench.tables import markdown_table
 from annotator.errors import InputError
 
 REFERENCE_STRATEGY = "random"
@@ -36,7 +39,7 @@ def labels_to_reach(curve: pd.Series, target: float) -> float:
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per strategy: accuracy, ECE and the label-efficiency ratio against random."""
+    """Summarise a simulation in one row per strategy: accuracy, ECE and labels against random."""
     missing = {"strategy", "labels_spent", "accuracy", "ece", "map_ece"} - set(results.columns)
     if missing:
         raise InputError(f"simulation results lack the columns {sorted(missing)}")
@@ -72,17 +75,12 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
 
 def to_markdown(frame: pd.DataFrame) -> str:
     """Format a summary as a Markdown table, with three decimals and "not reached" for NaN ratios."""
-    header = "| " + " | ".join(frame.columns) + " |"
-    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
-    lines = [header, rule]
-    for row in frame.itertuples(index=False):
-        cells = []
-        for name, value in zip(frame.columns, row, strict=True):
-            if isinstance(value, float) and np.isnan(value):
-                cells.append("not reached" if name == "labels_ratio" else "n/a")
-            elif isinstance(value, float):
-                cells.append(f"{value:.3f}")
-            else:
-                cells.append(str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(frame, _format_summary_cell)
+
+
+def _format_summary_cell(name: str, value: Any) -> str:
+    if isinstance(value, float) and np.isnan(value):
+        return "not reached" if name == "labels_ratio" else "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)

@@ -22,7 +22,6 @@ import io
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from annotator.errors import InputError
+from annotator.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -406,16 +406,8 @@ def _write_if_changed(path: Path, data: bytes, *, temporary_dir: Path) -> bool:
     """
     if path.is_file() and path.read_bytes() == data:
         return False
-    descriptor, temporary = tempfile.mkstemp(
-        dir=temporary_dir, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    # No fsync: a pool lost to a power cut is rebuilt from the seed on the next run.
+    write_atomic(path, lambda file: file.write(data), temporary_dir=temporary_dir, fsync=False)
     return True
 
 

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from annotator.errors import ConfigError, InputError, NumericalError, StoreError
+from annotator.files import write_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -43,20 +43,6 @@ DONE_FILENAME = "done.u8"
 
 _FLOAT = np.dtype("<f4")
 _MASK = np.dtype("u1")
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to a temporary file, fsync it and rename it over ``path``."""
-    descriptor, temporary = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _as_rows(rows: npt.ArrayLike, num_rows: int) -> np.ndarray:
@@ -162,7 +148,7 @@ class FeatureCache:
             with open(directory / name, "wb") as handle:
                 handle.truncate(num_rows * row_bytes)
         metadata = cls._metadata(key, num_rows, feature_dim, offset_dim, num_done=0)
-        _write_json_atomic(directory / METADATA_FILENAME, metadata)
+        write_json_atomic(directory / METADATA_FILENAME, metadata)
         logger.info(
             "created feature cache %s: key=%s rows=%d p=%d offsets=%s",
             directory,
@@ -452,7 +438,7 @@ class FeatureCache:
         self._flush_data()
         if isinstance(self._done, np.memmap):
             self._done.flush()
-        _write_json_atomic(
+        write_json_atomic(
             self.directory / METADATA_FILENAME,
             self._metadata(
                 self.key, self._num_rows, self.feature_dim, self.offset_dim, num_done=self.num_done
@@ -481,13 +467,13 @@ class FeatureCache:
         self._release_maps()
 
         # 1. Extend the files with zeros. A crash here leaves files longer than the
-        #    metadata says, which the next writable open repairs.
+        #    metadata records, which the next writable open repairs.
         self._num_rows = num_rows
         for name, size in self._file_sizes().items():
             os.truncate(self.directory / name, size)
 
         # 2. Record the new size, then map the longer files.
-        _write_json_atomic(
+        write_json_atomic(
             self.directory / METADATA_FILENAME,
             self._metadata(
                 self.key, num_rows, self.feature_dim, self.offset_dim, num_done=num_done
@@ -603,23 +589,12 @@ class TextFeatureCache:
             raise NumericalError("text features contain non-finite values; nothing was saved")
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(model_key, class_names, prompts)
-        descriptor, temporary = tempfile.mkstemp(
-            prefix=path.stem, suffix=".npy.tmp", dir=self.directory
-        )
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                np.save(handle, values, allow_pickle=False)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_atomic(path, lambda file: np.save(file, values, allow_pickle=False))
         sidecar = {
             "model_key": model_key,
             "class_names": list(class_names),
             "prompts": [list(p) for p in prompts],
             "shape": list(values.shape),
         }
-        _write_json_atomic(path.with_suffix(".json"), sidecar)
+        write_json_atomic(path.with_suffix(".json"), sidecar)
         return path

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import pickle
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -45,6 +44,7 @@ from annotator.data.demo_data import (
     render_digit,
 )
 from annotator.errors import InputError, ModelLoadError
+from annotator.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -681,29 +681,14 @@ def _write_model_files(model: open_clip.CLIP, result: DemoTrainingResult) -> Non
     model_dir.mkdir(parents=True, exist_ok=True)
 
     state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    _atomic_write(model_dir / WEIGHTS_FILENAME, lambda file: torch.save(state_dict, file))
+    write_atomic(model_dir / WEIGHTS_FILENAME, lambda file: torch.save(state_dict, file))
 
     config = json.dumps(demo_model_config(), indent=2, sort_keys=True) + "\n"
-    _atomic_write(model_dir / CONFIG_FILENAME, lambda file: file.write(config.encode("utf-8")))
+    write_atomic(model_dir / CONFIG_FILENAME, lambda file: file.write(config.encode("utf-8")))
 
     record = asdict(result)
     record["model_dir"] = str(model_dir)
     record["model_name"] = DEMO_MODEL_NAME
     record["version"] = DEMO_MODEL_VERSION
     training = json.dumps(record, indent=2, sort_keys=True) + "\n"
-    _atomic_write(model_dir / TRAINING_FILENAME, lambda file: file.write(training.encode("utf-8")))
-
-
-def _atomic_write(path: Path, write: Callable[[Any], object]) -> None:
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomic(model_dir / TRAINING_FILENAME, lambda file: file.write(training.encode("utf-8")))

@@ -28,6 +28,7 @@ from annotator.bayes import (
 )
 from annotator.data.features import FeatureCache
 from annotator.errors import ConfigError, FactorFormatError
+from annotator.files import write_atomic
 from annotator.services.project import Project
 
 logger = logging.getLogger(__name__)
@@ -75,21 +76,17 @@ class ModelSnapshot:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        torch.save(
-            {
-                "kind": self.kind,
-                "image_projection": self.image_projection.cpu(),
-                "text_projection": self.text_projection.cpu(),
-                "logit_scale": self.logit_scale,
-                "logit_bias": self.logit_bias,
-                "class_features": self.class_features.cpu(),
-                "prompts_digest": self.prompts_digest,
-                "has_offsets": self.has_offsets,
-            },
-            temporary,
-        )
-        temporary.replace(path)
+        snapshot = {
+            "kind": self.kind,
+            "image_projection": self.image_projection.cpu(),
+            "text_projection": self.text_projection.cpu(),
+            "logit_scale": self.logit_scale,
+            "logit_bias": self.logit_bias,
+            "class_features": self.class_features.cpu(),
+            "prompts_digest": self.prompts_digest,
+            "has_offsets": self.has_offsets,
+        }
+        write_atomic(path, lambda file: torch.save(snapshot, file))
 
     @classmethod
     def load(cls, path: Path) -> ModelSnapshot:

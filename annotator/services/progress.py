@@ -1,4 +1,4 @@
-"""What the Progress dashboard shows: accuracy against labels, forecast, pace, budget.
+"""Data behind the Progress dashboard: accuracy against labels, forecast, pace and budget.
 
 Accuracy is always measured on the evaluation split, never on actively chosen images,
 because those are chosen where the model is wrong and would understate it.
@@ -35,6 +35,8 @@ class Progress:
     """Labels given by people: created_at, annotator."""
     class_counts: pd.DataFrame
     """Labelled images per class and split: class_name, split, count."""
+    labels_spent: int
+    """Acquisition labels of the latest round, which the head is trained on."""
     budget_used: int
     """Labels given in this project, relabels included, imported ones not."""
     budget_planned: int | None
@@ -124,6 +126,7 @@ def project_progress(project: Project) -> Progress:
         stop_hint=stop_hint,
         labels=human.reset_index(drop=True),
         class_counts=counts,
+        labels_spent=int(rounds["labels_spent"].max()) if len(rounds) else 0,
         # Imported labels were not bought in this project, so they do not count.
         budget_used=int((labels["source"] != "import").sum()),
         budget_planned=planned,

@@ -19,6 +19,7 @@ import torch
 from annotator.bayes import LogitPosterior, LogitSampling, Strategy, score_pool
 from annotator.bayes.predictive import probit_probabilities
 from annotator.data.features import FeatureCache
+from annotator.files import write_atomic
 from annotator.logs import log_event
 from annotator.services.project import Project
 
@@ -61,18 +62,16 @@ class Ranking:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.stem + ".tmp.npz")
-        np.savez(
-            temporary,
-            round_index=np.int64(self.round_index),
-            strategy=np.str_(self.strategy),
-            image_ids=self.image_ids,
-            scores=self.scores,
-            top_classes=self.top_classes,
-            top_probs=self.top_probs,
-            epistemic=self.epistemic,
-        )
-        temporary.replace(path)
+        arrays = {
+            "round_index": np.int64(self.round_index),
+            "strategy": np.str_(self.strategy),
+            "image_ids": self.image_ids,
+            "scores": self.scores,
+            "top_classes": self.top_classes,
+            "top_probs": self.top_probs,
+            "epistemic": self.epistemic,
+        }
+        write_atomic(path, lambda file: np.savez(file, **arrays))
 
     @classmethod
     def load(cls, path: Path) -> Ranking:

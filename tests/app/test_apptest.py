@@ -57,7 +57,7 @@ def test_label_page_submits_batch(app_project: Project) -> None:
     after = latest_ranking(app_project)
     assert after.round_index == 1
     assert not np.allclose(np.nan_to_num(before.scores), np.nan_to_num(after.scores))
-    # The next batch is ready and holds none of the labelled images.
+    # The next batch is ready and contains none of the labelled images.
     next_ids = {int(str(box.key).rsplit("-", 1)[1]) for box in _label_boxes(at)}
     assert next_ids
     assert next_ids.isdisjoint(image_ids)

@@ -60,10 +60,9 @@ def _headline(progress: Progress) -> None:
         columns[1].metric("Zero-shot accuracy", f"{100 * first['accuracy']:.1f}%")
     else:
         columns[0].metric("Accuracy", "n/a")
-    spent = int(progress.accuracy["labels_spent"].max()) if len(progress.accuracy) else 0
     columns[2].metric(
         "Labels spent",
-        spent,
+        progress.labels_spent,
         help=f"Acquisition labels the head is trained on, as on the chart's x-axis. With the "
         f"evaluation labels, {progress.budget_used} labels of the budget are used.",
     )
